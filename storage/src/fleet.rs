@@ -1,0 +1,522 @@
+//! The fleet state: a pure, deterministic fold over the event log.
+//!
+//! `FleetState::apply` is the only way the state changes. It takes the journal index the event
+//! will get and the event, and either changes the state and says which records it touched (so
+//! the state machine can persist exactly those, in the same batch as the applied index), or
+//! refuses the event and changes nothing. The leader runs the same checks (`check`) before it
+//! proposes, so a refusal at apply time only happens when two proposals race; every replica
+//! then refuses it identically. No clock, randomness or I/O is touched here.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::event::{Change, Event, Hash};
+use crate::names::{self, NameError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    pub hostname: String,
+    pub tags: BTreeMap<String, String>,
+    pub required_image: Option<String>,
+    pub planned_image: Option<String>,
+    /// Journal index of the event that added the machine.
+    pub added_at: u64,
+    /// Journal index of the last event that changed it.
+    pub changed_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub name: String,
+    pub root_hash: Hash,
+    pub files: u64,
+    pub bytes: u64,
+    pub created_at_unix_ms: i64,
+    pub added_at: u64,
+    /// Set once the image is deleted; the name stays taken for ever.
+    pub deleted_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Halt {
+    pub actor: String,
+    pub reason: String,
+    pub since_unix_ms: i64,
+    pub journal_index: u64,
+}
+
+/// Fleet-wide settings that are not per machine or per image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub halt: Option<Halt>,
+}
+
+/// Which persisted record an applied event changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Touched {
+    Machine(String),
+    Image(String),
+    Policy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Rejection {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{0:?} is not in canonical form (expected {1:?})")]
+    NotCanonical(String, String),
+    #[error("unknown machine {0:?}")]
+    UnknownMachine(String),
+    #[error("machine {0:?} already exists")]
+    MachineExists(String),
+    #[error("unknown image {0:?}")]
+    UnknownImage(String),
+    #[error("image {0:?} was deleted")]
+    ImageDeleted(String),
+    #[error("image {0:?} already exists")]
+    ImageExists(String),
+    #[error("image name {0:?} belonged to a deleted image and is never reused")]
+    ImageNameRetired(String),
+    #[error("image {image:?} is still {role} by {count} machine(s), e.g. {example:?}")]
+    ImageInUse { image: String, role: &'static str, count: usize, example: String },
+    #[error("no machines named")]
+    NoMachines,
+    #[error("machine {0:?} is named twice")]
+    DuplicateMachine(String),
+    #[error("updates are not halted")]
+    NotHalted,
+}
+
+impl Rejection {
+    /// Whether the refusal is because something named does not exist (as opposed to bad input
+    /// or a conflict), so the edge can answer NOT_FOUND.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Rejection::UnknownMachine(_) | Rejection::UnknownImage(_))
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Rejection::MachineExists(_)
+                | Rejection::ImageExists(_)
+                | Rejection::ImageNameRetired(_)
+                | Rejection::ImageInUse { .. }
+                | Rejection::ImageDeleted(_)
+                | Rejection::NotHalted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetState {
+    machines: BTreeMap<String, Machine>,
+    images: BTreeMap<String, Image>,
+    policy: Policy,
+}
+
+fn canonical_host(name: &str) -> Result<(), Rejection> {
+    let canonical = names::canonical_hostname(name)?;
+    if canonical != name {
+        return Err(Rejection::NotCanonical(name.to_owned(), canonical));
+    }
+    Ok(())
+}
+
+fn canonical_image(name: &str) -> Result<(), Rejection> {
+    let canonical = names::canonical_image_name(name)?;
+    if canonical != name {
+        return Err(Rejection::NotCanonical(name.to_owned(), canonical));
+    }
+    Ok(())
+}
+
+impl Change {
+    /// Rewrites the names in a change to their canonical form; used at the edge, before
+    /// validation, so operators may type `Web-01` or `/web/1`.
+    pub fn canonicalize(&mut self) -> Result<(), NameError> {
+        let host = |h: &mut String| -> Result<(), NameError> {
+            *h = names::canonical_hostname(h)?;
+            Ok(())
+        };
+        let image = |i: &mut String| -> Result<(), NameError> {
+            *i = names::canonical_image_name(i)?;
+            Ok(())
+        };
+        match self {
+            Change::ImageAdded { name, .. } | Change::ImageDeleted { name } => image(name)?,
+            Change::MachineAdded { hostname, required_image, planned_image, .. } => {
+                host(hostname)?;
+                required_image.iter_mut().try_for_each(image)?;
+                planned_image.iter_mut().try_for_each(image)?;
+            }
+            Change::MachineUpdated { hostname, .. } | Change::MachineRemoved { hostname } => host(hostname)?,
+            Change::RequiredImageSet { hostnames, image: i } | Change::PlannedImageSet { hostnames, image: i } => {
+                hostnames.iter_mut().try_for_each(host)?;
+                i.iter_mut().try_for_each(image)?;
+            }
+            Change::UpdatesHalted | Change::UpdatesResumed => {}
+        }
+        Ok(())
+    }
+}
+
+impl FleetState {
+    /// Rebuilds a state from its persisted records (no replay).
+    pub fn from_records(
+        machines: impl IntoIterator<Item = Machine>,
+        images: impl IntoIterator<Item = Image>,
+        policy: Policy,
+    ) -> FleetState {
+        FleetState {
+            machines: machines.into_iter().map(|m| (m.hostname.clone(), m)).collect(),
+            images: images.into_iter().map(|i| (i.name.clone(), i)).collect(),
+            policy,
+        }
+    }
+
+    pub fn machines(&self) -> impl Iterator<Item = &Machine> {
+        self.machines.values()
+    }
+
+    pub fn machine(&self, hostname: &str) -> Option<&Machine> {
+        self.machines.get(hostname)
+    }
+
+    /// Every image ever added, deleted ones included.
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        self.images.values()
+    }
+
+    pub fn image(&self, name: &str) -> Option<&Image> {
+        self.images.get(name)
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn live_image(&self, name: &str) -> Result<(), Rejection> {
+        canonical_image(name)?;
+        match self.images.get(name) {
+            None => Err(Rejection::UnknownImage(name.to_owned())),
+            Some(image) if image.deleted_at.is_some() => Err(Rejection::ImageDeleted(name.to_owned())),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn known_machine(&self, hostname: &str) -> Result<(), Rejection> {
+        canonical_host(hostname)?;
+        if self.machines.contains_key(hostname) {
+            Ok(())
+        } else {
+            Err(Rejection::UnknownMachine(hostname.to_owned()))
+        }
+    }
+
+    fn known_machines(&self, hostnames: &[String]) -> Result<(), Rejection> {
+        if hostnames.is_empty() {
+            return Err(Rejection::NoMachines);
+        }
+        let mut seen = BTreeSet::new();
+        for hostname in hostnames {
+            self.known_machine(hostname)?;
+            if !seen.insert(hostname) {
+                return Err(Rejection::DuplicateMachine(hostname.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn image_unused(&self, name: &str) -> Result<(), Rejection> {
+        let in_use = |role: &'static str, slot: fn(&Machine) -> &Option<String>| {
+            let mut users = self.machines.values().filter(|m| slot(m).as_deref() == Some(name));
+            match users.next() {
+                None => Ok(()),
+                Some(first) => Err(Rejection::ImageInUse {
+                    image: name.to_owned(),
+                    role,
+                    count: 1 + users.count(),
+                    example: first.hostname.clone(),
+                }),
+            }
+        };
+        in_use("required", |m| &m.required_image)?;
+        in_use("planned", |m| &m.planned_image)
+    }
+
+    /// Whether `change` would apply to the current state; changes nothing.
+    pub fn check(&self, change: &Change) -> Result<(), Rejection> {
+        match change {
+            Change::ImageAdded { name, .. } => {
+                canonical_image(name)?;
+                match self.images.get(name) {
+                    Some(image) if image.deleted_at.is_some() => Err(Rejection::ImageNameRetired(name.clone())),
+                    Some(_) => Err(Rejection::ImageExists(name.clone())),
+                    None => Ok(()),
+                }
+            }
+            Change::ImageDeleted { name } => {
+                self.live_image(name)?;
+                self.image_unused(name)
+            }
+            Change::MachineAdded { hostname, tags, required_image, planned_image } => {
+                canonical_host(hostname)?;
+                if self.machines.contains_key(hostname) {
+                    return Err(Rejection::MachineExists(hostname.clone()));
+                }
+                for (key, value) in tags {
+                    names::check_tag(key, value)?;
+                }
+                required_image.iter().chain(planned_image).try_for_each(|i| self.live_image(i))
+            }
+            Change::MachineUpdated { hostname, tags } => {
+                self.known_machine(hostname)?;
+                for (key, value) in tags {
+                    names::check_tag(key, value)?;
+                }
+                Ok(())
+            }
+            Change::MachineRemoved { hostname } => self.known_machine(hostname),
+            Change::RequiredImageSet { hostnames, image } | Change::PlannedImageSet { hostnames, image } => {
+                self.known_machines(hostnames)?;
+                image.iter().try_for_each(|i| self.live_image(i))
+            }
+            Change::UpdatesHalted => Ok(()),
+            Change::UpdatesResumed => self.policy.halt.as_ref().map(|_| ()).ok_or(Rejection::NotHalted),
+        }
+    }
+
+    /// Applies `event` as journal record `index`: either changes the state and returns the
+    /// records it touched, or refuses and changes nothing.
+    pub fn apply(&mut self, index: u64, event: &Event) -> Result<Vec<Touched>, Rejection> {
+        self.check(&event.change)?;
+        let touched = match &event.change {
+            Change::ImageAdded { name, root_hash, files, bytes } => {
+                self.images.insert(
+                    name.clone(),
+                    Image {
+                        name: name.clone(),
+                        root_hash: *root_hash,
+                        files: *files,
+                        bytes: *bytes,
+                        created_at_unix_ms: event.time_unix_ms,
+                        added_at: index,
+                        deleted_at: None,
+                    },
+                );
+                vec![Touched::Image(name.clone())]
+            }
+            Change::ImageDeleted { name } => {
+                if let Some(image) = self.images.get_mut(name) {
+                    image.deleted_at = Some(index);
+                }
+                vec![Touched::Image(name.clone())]
+            }
+            Change::MachineAdded { hostname, tags, required_image, planned_image } => {
+                self.machines.insert(
+                    hostname.clone(),
+                    Machine {
+                        hostname: hostname.clone(),
+                        tags: tags.clone(),
+                        required_image: required_image.clone(),
+                        planned_image: planned_image.clone(),
+                        added_at: index,
+                        changed_at: index,
+                    },
+                );
+                vec![Touched::Machine(hostname.clone())]
+            }
+            Change::MachineUpdated { hostname, tags } => {
+                if let Some(machine) = self.machines.get_mut(hostname) {
+                    machine.tags = tags.clone();
+                    machine.changed_at = index;
+                }
+                vec![Touched::Machine(hostname.clone())]
+            }
+            Change::MachineRemoved { hostname } => {
+                self.machines.remove(hostname);
+                vec![Touched::Machine(hostname.clone())]
+            }
+            Change::RequiredImageSet { hostnames, image } | Change::PlannedImageSet { hostnames, image } => {
+                let required = matches!(event.change, Change::RequiredImageSet { .. });
+                for hostname in hostnames {
+                    if let Some(machine) = self.machines.get_mut(hostname) {
+                        let slot = if required { &mut machine.required_image } else { &mut machine.planned_image };
+                        slot.clone_from(image);
+                        machine.changed_at = index;
+                    }
+                }
+                hostnames.iter().cloned().map(Touched::Machine).collect()
+            }
+            Change::UpdatesHalted => {
+                self.policy.halt = Some(Halt {
+                    actor: event.actor.clone(),
+                    reason: event.reason.clone(),
+                    since_unix_ms: event.time_unix_ms,
+                    journal_index: index,
+                });
+                vec![Touched::Policy]
+            }
+            Change::UpdatesResumed => {
+                self.policy.halt = None;
+                vec![Touched::Policy]
+            }
+        };
+        Ok(touched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(change: Change) -> Event {
+        Event { actor: "alice".into(), time_unix_ms: 1_000, reason: "test".into(), change }
+    }
+
+    fn add_image(name: &str) -> Change {
+        Change::ImageAdded { name: name.into(), root_hash: [1; 32], files: 3, bytes: 30 }
+    }
+
+    fn add_machine(host: &str, required: Option<&str>) -> Change {
+        Change::MachineAdded {
+            hostname: host.into(),
+            tags: BTreeMap::new(),
+            required_image: required.map(Into::into),
+            planned_image: None,
+        }
+    }
+
+    /// Applies each change in turn, failing the test on the first refusal.
+    fn fold(changes: impl IntoIterator<Item = Change>) -> FleetState {
+        let mut state = FleetState::default();
+        for (i, change) in changes.into_iter().enumerate() {
+            state.apply(i as u64 + 1, &event(change)).expect("setup event refused");
+        }
+        state
+    }
+
+    #[track_caller]
+    fn refused(state: &FleetState, change: Change, expected: Rejection) {
+        let mut after = state.clone();
+        assert_eq!(after.apply(99, &event(change)), Err(expected));
+        assert_eq!(&after, state, "a refused event changed the state");
+    }
+
+    #[test]
+    fn assignments_follow_the_log() {
+        let state = fold([
+            add_image("web/1"),
+            add_image("web/2"),
+            add_machine("web-01", Some("web/1")),
+            add_machine("web-02", None),
+            Change::RequiredImageSet { hostnames: vec!["web-01".into(), "web-02".into()], image: Some("web/2".into()) },
+            Change::PlannedImageSet { hostnames: vec!["web-02".into()], image: Some("web/1".into()) },
+        ]);
+        let web01 = state.machine("web-01").unwrap();
+        assert_eq!(web01.required_image.as_deref(), Some("web/2"));
+        assert_eq!((web01.added_at, web01.changed_at), (3, 5));
+        let web02 = state.machine("web-02").unwrap();
+        assert_eq!((web02.required_image.as_deref(), web02.planned_image.as_deref()), (Some("web/2"), Some("web/1")));
+    }
+
+    #[test]
+    fn unknown_hosts_and_images_are_refused() {
+        let state = fold([add_image("web/1"), add_machine("web-01", None)]);
+        refused(&state, add_machine("web-02", Some("web/9")), Rejection::UnknownImage("web/9".into()));
+        refused(
+            &state,
+            Change::RequiredImageSet { hostnames: vec!["web-01".into(), "web-09".into()], image: Some("web/1".into()) },
+            Rejection::UnknownMachine("web-09".into()),
+        );
+        refused(&state, Change::MachineRemoved { hostname: "db-01".into() }, Rejection::UnknownMachine("db-01".into()));
+        refused(&state, add_machine("web-01", None), Rejection::MachineExists("web-01".into()));
+        refused(&state, Change::RequiredImageSet { hostnames: vec![], image: None }, Rejection::NoMachines);
+        refused(
+            &state,
+            Change::PlannedImageSet { hostnames: vec!["web-01".into(), "web-01".into()], image: None },
+            Rejection::DuplicateMachine("web-01".into()),
+        );
+    }
+
+    #[test]
+    fn deleted_images_cannot_be_assigned_or_reused() {
+        let state = fold([add_image("web/1"), add_machine("web-01", None), Change::ImageDeleted { name: "web/1".into() }]);
+        assert!(state.image("web/1").unwrap().deleted_at.is_some());
+        refused(
+            &state,
+            Change::RequiredImageSet { hostnames: vec!["web-01".into()], image: Some("web/1".into()) },
+            Rejection::ImageDeleted("web/1".into()),
+        );
+        refused(&state, add_image("web/1"), Rejection::ImageNameRetired("web/1".into()));
+        refused(&state, Change::ImageDeleted { name: "web/1".into() }, Rejection::ImageDeleted("web/1".into()));
+    }
+
+    #[test]
+    fn an_image_in_use_cannot_be_deleted() {
+        let state = fold([add_image("web/1"), add_machine("web-01", Some("web/1"))]);
+        refused(
+            &state,
+            Change::ImageDeleted { name: "web/1".into() },
+            Rejection::ImageInUse { image: "web/1".into(), role: "required", count: 1, example: "web-01".into() },
+        );
+    }
+
+    #[test]
+    fn malformed_names_are_refused_even_inside_the_log() {
+        let state = FleetState::default();
+        refused(&state, add_machine("", None), Rejection::Name(NameError::EmptyHostname(String::new())));
+        refused(&state, add_machine("Web-01", None), Rejection::NotCanonical("Web-01".into(), "web-01".into()));
+        refused(&state, add_image("/web/1"), Rejection::NotCanonical("/web/1".into(), "web/1".into()));
+        assert!(matches!(FleetState::default().check(&add_image("web/../etc")), Err(Rejection::Name(_))));
+    }
+
+    #[test]
+    fn canonicalize_fixes_spelling_before_checks() {
+        let mut change = Change::RequiredImageSet { hostnames: vec!["WEB-01".into()], image: Some("/web/1".into()) };
+        change.canonicalize().unwrap();
+        assert_eq!(change, Change::RequiredImageSet { hostnames: vec!["web-01".into()], image: Some("web/1".into()) });
+        assert!(add_machine("bad host", None).canonicalize().is_err());
+    }
+
+    #[test]
+    fn halt_and_resume() {
+        let mut state = fold([Change::UpdatesHalted]);
+        assert_eq!(state.policy().halt.as_ref().unwrap().reason, "test");
+        state.apply(2, &event(Change::UpdatesResumed)).unwrap();
+        refused(&state, Change::UpdatesResumed, Rejection::NotHalted);
+    }
+
+    #[test]
+    fn apply_is_deterministic_and_never_panics_on_any_sequence() {
+        // A small exhaustive walk: every sequence of three changes from a pool that mixes valid
+        // and invalid ones, applied twice, must give identical states.
+        let pool = vec![
+            add_image("a"),
+            Change::ImageDeleted { name: "a".into() },
+            add_machine("m", Some("a")),
+            add_machine("m", None),
+            Change::MachineRemoved { hostname: "m".into() },
+            Change::RequiredImageSet { hostnames: vec!["m".into()], image: Some("a".into()) },
+            Change::PlannedImageSet { hostnames: vec!["m".into()], image: None },
+            Change::MachineUpdated { hostname: "m".into(), tags: BTreeMap::from([(String::new(), String::new())]) },
+            Change::UpdatesResumed,
+            Change::UpdatesHalted,
+        ];
+        for a in &pool {
+            for b in &pool {
+                for c in &pool {
+                    let run = || {
+                        let mut state = FleetState::default();
+                        let results: Vec<_> =
+                            [a, b, c].iter().enumerate().map(|(i, ch)| state.apply(i as u64, &event((*ch).clone()))).collect();
+                        (state, results)
+                    };
+                    assert_eq!(run(), run());
+                }
+            }
+        }
+    }
+}
