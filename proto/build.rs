@@ -2,7 +2,11 @@
 //! no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["dom/v1/events.proto", "dom/v1/raft.proto", "dom/v1/admin.proto"];
+    let files = [
+        "dom/v1/events.proto",
+        "dom/v1/raft.proto",
+        "dom/v1/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -23,18 +23,36 @@ pub struct Event {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    ImageAdded { name: String, root_hash: Hash, files: u64, bytes: u64 },
-    ImageDeleted { name: String },
+    ImageAdded {
+        name: String,
+        root_hash: Hash,
+        files: u64,
+        bytes: u64,
+    },
+    ImageDeleted {
+        name: String,
+    },
     MachineAdded {
         hostname: String,
         tags: BTreeMap<String, String>,
         required_image: Option<String>,
         planned_image: Option<String>,
     },
-    MachineUpdated { hostname: String, tags: BTreeMap<String, String> },
-    MachineRemoved { hostname: String },
-    RequiredImageSet { hostnames: Vec<String>, image: Option<String> },
-    PlannedImageSet { hostnames: Vec<String>, image: Option<String> },
+    MachineUpdated {
+        hostname: String,
+        tags: BTreeMap<String, String>,
+    },
+    MachineRemoved {
+        hostname: String,
+    },
+    RequiredImageSet {
+        hostnames: Vec<String>,
+        image: Option<String>,
+    },
+    PlannedImageSet {
+        hostnames: Vec<String>,
+        image: Option<String>,
+    },
     UpdatesHalted,
     UpdatesResumed,
 }
@@ -89,27 +107,46 @@ impl From<Event> for pb::Event {
     fn from(event: Event) -> Self {
         use pb::event::Change as C;
         let change = match event.change {
-            Change::ImageAdded { name, root_hash, files, bytes } => {
-                C::ImageAdded(pb::ImageAdded { name, root_hash: root_hash.to_vec(), files, bytes })
-            }
+            Change::ImageAdded {
+                name,
+                root_hash,
+                files,
+                bytes,
+            } => C::ImageAdded(pb::ImageAdded {
+                name,
+                root_hash: root_hash.to_vec(),
+                files,
+                bytes,
+            }),
             Change::ImageDeleted { name } => C::ImageDeleted(pb::ImageDeleted { name }),
-            Change::MachineAdded { hostname, tags, required_image, planned_image } => {
-                C::MachineAdded(pb::MachineAdded {
-                    hostname,
-                    tags,
-                    required_image: required_image.unwrap_or_default(),
-                    planned_image: planned_image.unwrap_or_default(),
-                })
-            }
+            Change::MachineAdded {
+                hostname,
+                tags,
+                required_image,
+                planned_image,
+            } => C::MachineAdded(pb::MachineAdded {
+                hostname,
+                tags,
+                required_image: required_image.unwrap_or_default(),
+                planned_image: planned_image.unwrap_or_default(),
+            }),
             Change::MachineUpdated { hostname, tags } => {
                 C::MachineUpdated(pb::MachineUpdated { hostname, tags })
             }
-            Change::MachineRemoved { hostname } => C::MachineRemoved(pb::MachineRemoved { hostname }),
+            Change::MachineRemoved { hostname } => {
+                C::MachineRemoved(pb::MachineRemoved { hostname })
+            }
             Change::RequiredImageSet { hostnames, image } => {
-                C::RequiredImageSet(pb::RequiredImageSet { hostnames, image: image.unwrap_or_default() })
+                C::RequiredImageSet(pb::RequiredImageSet {
+                    hostnames,
+                    image: image.unwrap_or_default(),
+                })
             }
             Change::PlannedImageSet { hostnames, image } => {
-                C::PlannedImageSet(pb::PlannedImageSet { hostnames, image: image.unwrap_or_default() })
+                C::PlannedImageSet(pb::PlannedImageSet {
+                    hostnames,
+                    image: image.unwrap_or_default(),
+                })
             }
             Change::UpdatesHalted => C::UpdatesHalted(pb::UpdatesHalted {}),
             Change::UpdatesResumed => C::UpdatesResumed(pb::UpdatesResumed {}),
@@ -146,18 +183,30 @@ impl TryFrom<pb::Event> for Event {
                 required_image: optional(m.required_image),
                 planned_image: optional(m.planned_image),
             },
-            C::MachineUpdated(m) => Change::MachineUpdated { hostname: m.hostname, tags: m.tags },
-            C::MachineRemoved(m) => Change::MachineRemoved { hostname: m.hostname },
-            C::RequiredImageSet(m) => {
-                Change::RequiredImageSet { hostnames: m.hostnames, image: optional(m.image) }
-            }
-            C::PlannedImageSet(m) => {
-                Change::PlannedImageSet { hostnames: m.hostnames, image: optional(m.image) }
-            }
+            C::MachineUpdated(m) => Change::MachineUpdated {
+                hostname: m.hostname,
+                tags: m.tags,
+            },
+            C::MachineRemoved(m) => Change::MachineRemoved {
+                hostname: m.hostname,
+            },
+            C::RequiredImageSet(m) => Change::RequiredImageSet {
+                hostnames: m.hostnames,
+                image: optional(m.image),
+            },
+            C::PlannedImageSet(m) => Change::PlannedImageSet {
+                hostnames: m.hostnames,
+                image: optional(m.image),
+            },
             C::UpdatesHalted(_) => Change::UpdatesHalted,
             C::UpdatesResumed(_) => Change::UpdatesResumed,
         };
-        Ok(Event { actor: event.actor, time_unix_ms: event.time_unix_ms, reason: event.reason, change })
+        Ok(Event {
+            actor: event.actor,
+            time_unix_ms: event.time_unix_ms,
+            reason: event.reason,
+            change,
+        })
     }
 }
 
@@ -177,13 +226,26 @@ mod tests {
             reason: "golden".into(),
             change,
         };
-        let tags = BTreeMap::from([("dc".to_owned(), "dc1".to_owned()), ("role".to_owned(), "web".to_owned())]);
+        let tags = BTreeMap::from([
+            ("dc".to_owned(), "dc1".to_owned()),
+            ("role".to_owned(), "web".to_owned()),
+        ]);
         vec![
             (
                 "image_added",
-                event(Change::ImageAdded { name: "web/2026.11.01".into(), root_hash: [7; 32], files: 1200, bytes: 1 << 30 }),
+                event(Change::ImageAdded {
+                    name: "web/2026.11.01".into(),
+                    root_hash: [7; 32],
+                    files: 1200,
+                    bytes: 1 << 30,
+                }),
             ),
-            ("image_deleted", event(Change::ImageDeleted { name: "web/2026.11.01".into() })),
+            (
+                "image_deleted",
+                event(Change::ImageDeleted {
+                    name: "web/2026.11.01".into(),
+                }),
+            ),
             (
                 "machine_added",
                 event(Change::MachineAdded {
@@ -193,8 +255,19 @@ mod tests {
                     planned_image: None,
                 }),
             ),
-            ("machine_updated", event(Change::MachineUpdated { hostname: "web-01".into(), tags })),
-            ("machine_removed", event(Change::MachineRemoved { hostname: "web-01".into() })),
+            (
+                "machine_updated",
+                event(Change::MachineUpdated {
+                    hostname: "web-01".into(),
+                    tags,
+                }),
+            ),
+            (
+                "machine_removed",
+                event(Change::MachineRemoved {
+                    hostname: "web-01".into(),
+                }),
+            ),
             (
                 "required_image_set",
                 event(Change::RequiredImageSet {
@@ -204,7 +277,10 @@ mod tests {
             ),
             (
                 "planned_image_set",
-                event(Change::PlannedImageSet { hostnames: vec!["web-01".into()], image: None }),
+                event(Change::PlannedImageSet {
+                    hostnames: vec!["web-01".into()],
+                    image: None,
+                }),
             ),
             ("updates_halted", event(Change::UpdatesHalted)),
             ("updates_resumed", event(Change::UpdatesResumed)),
@@ -212,7 +288,9 @@ mod tests {
     }
 
     fn golden_path(kind: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/events").join(format!("{kind}.bin"))
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/events")
+            .join(format!("{kind}.bin"))
     }
 
     #[test]
@@ -224,21 +302,38 @@ mod tests {
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
                 std::fs::write(&path, expected.encode()).unwrap();
             }
-            let golden = std::fs::read(&path)
-                .unwrap_or_else(|e| panic!("{}: {e} (new kind? run with DOM_WRITE_GOLDEN=1 once)", path.display()));
-            assert_eq!(Event::decode(&golden).as_ref(), Ok(&expected), "{kind}: old bytes decode differently");
+            let golden = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (new kind? run with DOM_WRITE_GOLDEN=1 once)",
+                    path.display()
+                )
+            });
+            assert_eq!(
+                Event::decode(&golden).as_ref(),
+                Ok(&expected),
+                "{kind}: old bytes decode differently"
+            );
             assert_eq!(expected.encode(), golden, "{kind}: encoding changed");
         }
     }
 
     #[test]
     fn garbage_is_refused_not_panicked_on() {
-        assert!(matches!(Event::decode(&[0xff, 0xff, 0xff]), Err(EventError::Malformed(_))));
+        assert!(matches!(
+            Event::decode(&[0xff, 0xff, 0xff]),
+            Err(EventError::Malformed(_))
+        ));
         assert_eq!(Event::decode(&[]), Err(EventError::UnknownChange));
         let short_hash = pb::Event {
-            change: Some(pb::event::Change::ImageAdded(pb::ImageAdded { root_hash: vec![1, 2], ..Default::default() })),
+            change: Some(pb::event::Change::ImageAdded(pb::ImageAdded {
+                root_hash: vec![1, 2],
+                ..Default::default()
+            })),
             ..Default::default()
         };
-        assert_eq!(Event::decode(&short_hash.encode_to_vec()), Err(EventError::BadRootHash(2)));
+        assert_eq!(
+            Event::decode(&short_hash.encode_to_vec()),
+            Err(EventError::BadRootHash(2))
+        );
     }
 }

@@ -80,7 +80,12 @@ pub enum Rejection {
     #[error("image name {0:?} belonged to a deleted image and is never reused")]
     ImageNameRetired(String),
     #[error("image {image:?} is still {role} by {count} machine(s), e.g. {example:?}")]
-    ImageInUse { image: String, role: &'static str, count: usize, example: String },
+    ImageInUse {
+        image: String,
+        role: &'static str,
+        count: usize,
+        example: String,
+    },
     #[error("no machines named")]
     NoMachines,
     #[error("machine {0:?} is named twice")]
@@ -93,7 +98,10 @@ impl Rejection {
     /// Whether the refusal is because something named does not exist (as opposed to bad input
     /// or a conflict), so the edge can answer NOT_FOUND.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Rejection::UnknownMachine(_) | Rejection::UnknownImage(_))
+        matches!(
+            self,
+            Rejection::UnknownMachine(_) | Rejection::UnknownImage(_)
+        )
     }
 
     pub fn is_conflict(&self) -> bool {
@@ -146,13 +154,27 @@ impl Change {
         };
         match self {
             Change::ImageAdded { name, .. } | Change::ImageDeleted { name } => image(name)?,
-            Change::MachineAdded { hostname, required_image, planned_image, .. } => {
+            Change::MachineAdded {
+                hostname,
+                required_image,
+                planned_image,
+                ..
+            } => {
                 host(hostname)?;
                 required_image.iter_mut().try_for_each(image)?;
                 planned_image.iter_mut().try_for_each(image)?;
             }
-            Change::MachineUpdated { hostname, .. } | Change::MachineRemoved { hostname } => host(hostname)?,
-            Change::RequiredImageSet { hostnames, image: i } | Change::PlannedImageSet { hostnames, image: i } => {
+            Change::MachineUpdated { hostname, .. } | Change::MachineRemoved { hostname } => {
+                host(hostname)?
+            }
+            Change::RequiredImageSet {
+                hostnames,
+                image: i,
+            }
+            | Change::PlannedImageSet {
+                hostnames,
+                image: i,
+            } => {
                 hostnames.iter_mut().try_for_each(host)?;
                 i.iter_mut().try_for_each(image)?;
             }
@@ -170,7 +192,10 @@ impl FleetState {
         policy: Policy,
     ) -> FleetState {
         FleetState {
-            machines: machines.into_iter().map(|m| (m.hostname.clone(), m)).collect(),
+            machines: machines
+                .into_iter()
+                .map(|m| (m.hostname.clone(), m))
+                .collect(),
             images: images.into_iter().map(|i| (i.name.clone(), i)).collect(),
             policy,
         }
@@ -201,7 +226,9 @@ impl FleetState {
         canonical_image(name)?;
         match self.images.get(name) {
             None => Err(Rejection::UnknownImage(name.to_owned())),
-            Some(image) if image.deleted_at.is_some() => Err(Rejection::ImageDeleted(name.to_owned())),
+            Some(image) if image.deleted_at.is_some() => {
+                Err(Rejection::ImageDeleted(name.to_owned()))
+            }
             Some(_) => Ok(()),
         }
     }
@@ -231,7 +258,10 @@ impl FleetState {
 
     fn image_unused(&self, name: &str) -> Result<(), Rejection> {
         let in_use = |role: &'static str, slot: fn(&Machine) -> &Option<String>| {
-            let mut users = self.machines.values().filter(|m| slot(m).as_deref() == Some(name));
+            let mut users = self
+                .machines
+                .values()
+                .filter(|m| slot(m).as_deref() == Some(name));
             match users.next() {
                 None => Ok(()),
                 Some(first) => Err(Rejection::ImageInUse {
@@ -252,7 +282,9 @@ impl FleetState {
             Change::ImageAdded { name, .. } => {
                 canonical_image(name)?;
                 match self.images.get(name) {
-                    Some(image) if image.deleted_at.is_some() => Err(Rejection::ImageNameRetired(name.clone())),
+                    Some(image) if image.deleted_at.is_some() => {
+                        Err(Rejection::ImageNameRetired(name.clone()))
+                    }
                     Some(_) => Err(Rejection::ImageExists(name.clone())),
                     None => Ok(()),
                 }
@@ -261,7 +293,12 @@ impl FleetState {
                 self.live_image(name)?;
                 self.image_unused(name)
             }
-            Change::MachineAdded { hostname, tags, required_image, planned_image } => {
+            Change::MachineAdded {
+                hostname,
+                tags,
+                required_image,
+                planned_image,
+            } => {
                 canonical_host(hostname)?;
                 if self.machines.contains_key(hostname) {
                     return Err(Rejection::MachineExists(hostname.clone()));
@@ -269,7 +306,10 @@ impl FleetState {
                 for (key, value) in tags {
                     names::check_tag(key, value)?;
                 }
-                required_image.iter().chain(planned_image).try_for_each(|i| self.live_image(i))
+                required_image
+                    .iter()
+                    .chain(planned_image)
+                    .try_for_each(|i| self.live_image(i))
             }
             Change::MachineUpdated { hostname, tags } => {
                 self.known_machine(hostname)?;
@@ -279,12 +319,18 @@ impl FleetState {
                 Ok(())
             }
             Change::MachineRemoved { hostname } => self.known_machine(hostname),
-            Change::RequiredImageSet { hostnames, image } | Change::PlannedImageSet { hostnames, image } => {
+            Change::RequiredImageSet { hostnames, image }
+            | Change::PlannedImageSet { hostnames, image } => {
                 self.known_machines(hostnames)?;
                 image.iter().try_for_each(|i| self.live_image(i))
             }
             Change::UpdatesHalted => Ok(()),
-            Change::UpdatesResumed => self.policy.halt.as_ref().map(|_| ()).ok_or(Rejection::NotHalted),
+            Change::UpdatesResumed => self
+                .policy
+                .halt
+                .as_ref()
+                .map(|_| ())
+                .ok_or(Rejection::NotHalted),
         }
     }
 
@@ -293,7 +339,12 @@ impl FleetState {
     pub fn apply(&mut self, index: u64, event: &Event) -> Result<Vec<Touched>, Rejection> {
         self.check(&event.change)?;
         let touched = match &event.change {
-            Change::ImageAdded { name, root_hash, files, bytes } => {
+            Change::ImageAdded {
+                name,
+                root_hash,
+                files,
+                bytes,
+            } => {
                 self.images.insert(
                     name.clone(),
                     Image {
@@ -314,7 +365,12 @@ impl FleetState {
                 }
                 vec![Touched::Image(name.clone())]
             }
-            Change::MachineAdded { hostname, tags, required_image, planned_image } => {
+            Change::MachineAdded {
+                hostname,
+                tags,
+                required_image,
+                planned_image,
+            } => {
                 self.machines.insert(
                     hostname.clone(),
                     Machine {
@@ -339,11 +395,16 @@ impl FleetState {
                 self.machines.remove(hostname);
                 vec![Touched::Machine(hostname.clone())]
             }
-            Change::RequiredImageSet { hostnames, image } | Change::PlannedImageSet { hostnames, image } => {
+            Change::RequiredImageSet { hostnames, image }
+            | Change::PlannedImageSet { hostnames, image } => {
                 let required = matches!(event.change, Change::RequiredImageSet { .. });
                 for hostname in hostnames {
                     if let Some(machine) = self.machines.get_mut(hostname) {
-                        let slot = if required { &mut machine.required_image } else { &mut machine.planned_image };
+                        let slot = if required {
+                            &mut machine.required_image
+                        } else {
+                            &mut machine.planned_image
+                        };
                         slot.clone_from(image);
                         machine.changed_at = index;
                     }
@@ -373,11 +434,21 @@ mod tests {
     use super::*;
 
     fn event(change: Change) -> Event {
-        Event { actor: "alice".into(), time_unix_ms: 1_000, reason: "test".into(), change }
+        Event {
+            actor: "alice".into(),
+            time_unix_ms: 1_000,
+            reason: "test".into(),
+            change,
+        }
     }
 
     fn add_image(name: &str) -> Change {
-        Change::ImageAdded { name: name.into(), root_hash: [1; 32], files: 3, bytes: 30 }
+        Change::ImageAdded {
+            name: name.into(),
+            root_hash: [1; 32],
+            files: 3,
+            bytes: 30,
+        }
     }
 
     fn add_machine(host: &str, required: Option<&str>) -> Change {
@@ -393,7 +464,9 @@ mod tests {
     fn fold(changes: impl IntoIterator<Item = Change>) -> FleetState {
         let mut state = FleetState::default();
         for (i, change) in changes.into_iter().enumerate() {
-            state.apply(i as u64 + 1, &event(change)).expect("setup event refused");
+            state
+                .apply(i as u64 + 1, &event(change))
+                .expect("setup event refused");
         }
         state
     }
@@ -412,46 +485,104 @@ mod tests {
             add_image("web/2"),
             add_machine("web-01", Some("web/1")),
             add_machine("web-02", None),
-            Change::RequiredImageSet { hostnames: vec!["web-01".into(), "web-02".into()], image: Some("web/2".into()) },
-            Change::PlannedImageSet { hostnames: vec!["web-02".into()], image: Some("web/1".into()) },
+            Change::RequiredImageSet {
+                hostnames: vec!["web-01".into(), "web-02".into()],
+                image: Some("web/2".into()),
+            },
+            Change::PlannedImageSet {
+                hostnames: vec!["web-02".into()],
+                image: Some("web/1".into()),
+            },
         ]);
         let web01 = state.machine("web-01").unwrap();
         assert_eq!(web01.required_image.as_deref(), Some("web/2"));
         assert_eq!((web01.added_at, web01.changed_at), (3, 5));
         let web02 = state.machine("web-02").unwrap();
-        assert_eq!((web02.required_image.as_deref(), web02.planned_image.as_deref()), (Some("web/2"), Some("web/1")));
+        assert_eq!(
+            (
+                web02.required_image.as_deref(),
+                web02.planned_image.as_deref()
+            ),
+            (Some("web/2"), Some("web/1"))
+        );
     }
 
     #[test]
     fn unknown_hosts_and_images_are_refused() {
         let state = fold([add_image("web/1"), add_machine("web-01", None)]);
-        refused(&state, add_machine("web-02", Some("web/9")), Rejection::UnknownImage("web/9".into()));
         refused(
             &state,
-            Change::RequiredImageSet { hostnames: vec!["web-01".into(), "web-09".into()], image: Some("web/1".into()) },
+            add_machine("web-02", Some("web/9")),
+            Rejection::UnknownImage("web/9".into()),
+        );
+        refused(
+            &state,
+            Change::RequiredImageSet {
+                hostnames: vec!["web-01".into(), "web-09".into()],
+                image: Some("web/1".into()),
+            },
             Rejection::UnknownMachine("web-09".into()),
         );
-        refused(&state, Change::MachineRemoved { hostname: "db-01".into() }, Rejection::UnknownMachine("db-01".into()));
-        refused(&state, add_machine("web-01", None), Rejection::MachineExists("web-01".into()));
-        refused(&state, Change::RequiredImageSet { hostnames: vec![], image: None }, Rejection::NoMachines);
         refused(
             &state,
-            Change::PlannedImageSet { hostnames: vec!["web-01".into(), "web-01".into()], image: None },
+            Change::MachineRemoved {
+                hostname: "db-01".into(),
+            },
+            Rejection::UnknownMachine("db-01".into()),
+        );
+        refused(
+            &state,
+            add_machine("web-01", None),
+            Rejection::MachineExists("web-01".into()),
+        );
+        refused(
+            &state,
+            Change::RequiredImageSet {
+                hostnames: vec![],
+                image: None,
+            },
+            Rejection::NoMachines,
+        );
+        refused(
+            &state,
+            Change::PlannedImageSet {
+                hostnames: vec!["web-01".into(), "web-01".into()],
+                image: None,
+            },
             Rejection::DuplicateMachine("web-01".into()),
         );
     }
 
     #[test]
     fn deleted_images_cannot_be_assigned_or_reused() {
-        let state = fold([add_image("web/1"), add_machine("web-01", None), Change::ImageDeleted { name: "web/1".into() }]);
+        let state = fold([
+            add_image("web/1"),
+            add_machine("web-01", None),
+            Change::ImageDeleted {
+                name: "web/1".into(),
+            },
+        ]);
         assert!(state.image("web/1").unwrap().deleted_at.is_some());
         refused(
             &state,
-            Change::RequiredImageSet { hostnames: vec!["web-01".into()], image: Some("web/1".into()) },
+            Change::RequiredImageSet {
+                hostnames: vec!["web-01".into()],
+                image: Some("web/1".into()),
+            },
             Rejection::ImageDeleted("web/1".into()),
         );
-        refused(&state, add_image("web/1"), Rejection::ImageNameRetired("web/1".into()));
-        refused(&state, Change::ImageDeleted { name: "web/1".into() }, Rejection::ImageDeleted("web/1".into()));
+        refused(
+            &state,
+            add_image("web/1"),
+            Rejection::ImageNameRetired("web/1".into()),
+        );
+        refused(
+            &state,
+            Change::ImageDeleted {
+                name: "web/1".into(),
+            },
+            Rejection::ImageDeleted("web/1".into()),
+        );
     }
 
     #[test]
@@ -459,25 +590,56 @@ mod tests {
         let state = fold([add_image("web/1"), add_machine("web-01", Some("web/1"))]);
         refused(
             &state,
-            Change::ImageDeleted { name: "web/1".into() },
-            Rejection::ImageInUse { image: "web/1".into(), role: "required", count: 1, example: "web-01".into() },
+            Change::ImageDeleted {
+                name: "web/1".into(),
+            },
+            Rejection::ImageInUse {
+                image: "web/1".into(),
+                role: "required",
+                count: 1,
+                example: "web-01".into(),
+            },
         );
     }
 
     #[test]
     fn malformed_names_are_refused_even_inside_the_log() {
         let state = FleetState::default();
-        refused(&state, add_machine("", None), Rejection::Name(NameError::EmptyHostname(String::new())));
-        refused(&state, add_machine("Web-01", None), Rejection::NotCanonical("Web-01".into(), "web-01".into()));
-        refused(&state, add_image("/web/1"), Rejection::NotCanonical("/web/1".into(), "web/1".into()));
-        assert!(matches!(FleetState::default().check(&add_image("web/../etc")), Err(Rejection::Name(_))));
+        refused(
+            &state,
+            add_machine("", None),
+            Rejection::Name(NameError::EmptyHostname(String::new())),
+        );
+        refused(
+            &state,
+            add_machine("Web-01", None),
+            Rejection::NotCanonical("Web-01".into(), "web-01".into()),
+        );
+        refused(
+            &state,
+            add_image("/web/1"),
+            Rejection::NotCanonical("/web/1".into(), "web/1".into()),
+        );
+        assert!(matches!(
+            FleetState::default().check(&add_image("web/../etc")),
+            Err(Rejection::Name(_))
+        ));
     }
 
     #[test]
     fn canonicalize_fixes_spelling_before_checks() {
-        let mut change = Change::RequiredImageSet { hostnames: vec!["WEB-01".into()], image: Some("/web/1".into()) };
+        let mut change = Change::RequiredImageSet {
+            hostnames: vec!["WEB-01".into()],
+            image: Some("/web/1".into()),
+        };
         change.canonicalize().unwrap();
-        assert_eq!(change, Change::RequiredImageSet { hostnames: vec!["web-01".into()], image: Some("web/1".into()) });
+        assert_eq!(
+            change,
+            Change::RequiredImageSet {
+                hostnames: vec!["web-01".into()],
+                image: Some("web/1".into())
+            }
+        );
         assert!(add_machine("bad host", None).canonicalize().is_err());
     }
 
@@ -498,10 +660,21 @@ mod tests {
             Change::ImageDeleted { name: "a".into() },
             add_machine("m", Some("a")),
             add_machine("m", None),
-            Change::MachineRemoved { hostname: "m".into() },
-            Change::RequiredImageSet { hostnames: vec!["m".into()], image: Some("a".into()) },
-            Change::PlannedImageSet { hostnames: vec!["m".into()], image: None },
-            Change::MachineUpdated { hostname: "m".into(), tags: BTreeMap::from([(String::new(), String::new())]) },
+            Change::MachineRemoved {
+                hostname: "m".into(),
+            },
+            Change::RequiredImageSet {
+                hostnames: vec!["m".into()],
+                image: Some("a".into()),
+            },
+            Change::PlannedImageSet {
+                hostnames: vec!["m".into()],
+                image: None,
+            },
+            Change::MachineUpdated {
+                hostname: "m".into(),
+                tags: BTreeMap::from([(String::new(), String::new())]),
+            },
             Change::UpdatesResumed,
             Change::UpdatesHalted,
         ];
@@ -510,8 +683,11 @@ mod tests {
                 for c in &pool {
                     let run = || {
                         let mut state = FleetState::default();
-                        let results: Vec<_> =
-                            [a, b, c].iter().enumerate().map(|(i, ch)| state.apply(i as u64, &event((*ch).clone()))).collect();
+                        let results: Vec<_> = [a, b, c]
+                            .iter()
+                            .enumerate()
+                            .map(|(i, ch)| state.apply(i as u64, &event((*ch).clone())))
+                            .collect();
                         (state, results)
                     };
                     assert_eq!(run(), run());

@@ -8,6 +8,35 @@
 //! journal never disagree. The journal is never purged: it is the audit trail, and snapshots
 //! carry it whole so a replica that catches up by snapshot still holds all of history.
 
+// openraft's StorageError is large and not ours to shrink.
+#![allow(clippy::result_large_err)]
+
+pub mod durable;
 pub mod event;
 pub mod fleet;
+pub mod journal;
+pub mod keys;
+pub mod log_store;
 pub mod names;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use durable::StoreError;
+
+/// Opens (or creates) a replica's storage under `dir`: sled in `dir/sled`, snapshots in
+/// `dir/snapshots`. Fails with [`StoreError::Locked`] if another process has it open.
+pub fn open(
+    dir: &Path,
+) -> Result<(log_store::LogStore, state_machine::StateMachineStore), StoreError> {
+    let durable = Arc::new(durable::Durable::open(&dir.join("sled"))?);
+    let log = log_store::LogStore::open(durable.clone())?;
+    let sm = state_machine::StateMachineStore::open(durable, dir.join("snapshots"))?;
+    Ok((log, sm))
+}
+
+#[cfg(test)]
+mod tests;

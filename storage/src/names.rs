@@ -21,7 +21,9 @@ pub enum NameError {
     ImageNameTooLong(String),
     #[error("tag key {0:?} is invalid: keys are 1-63 letters, digits, '.', '_', '-' or '/'")]
     BadTagKey(String),
-    #[error("tag value {value:?} of {key:?} is longer than 255 characters or has a control character")]
+    #[error(
+        "tag value {value:?} of {key:?} is longer than 255 characters or has a control character"
+    )]
     BadTagValue { key: String, value: String },
 }
 
@@ -39,9 +41,14 @@ pub fn canonical_hostname(name: &str) -> Result<String, NameError> {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !ok {
-            return Err(NameError::BadHostnameLabel { name: name.to_owned(), label: label.to_owned() });
+            return Err(NameError::BadHostnameLabel {
+                name: name.to_owned(),
+                label: label.to_owned(),
+            });
         }
     }
     Ok(lower)
@@ -64,7 +71,10 @@ pub fn canonical_image_name(name: &str) -> Result<String, NameError> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !ok {
-            return Err(NameError::BadImageComponent { name: name.to_owned(), component: component.to_owned() });
+            return Err(NameError::BadImageComponent {
+                name: name.to_owned(),
+                component: component.to_owned(),
+            });
         }
     }
     Ok(trimmed.to_owned())
@@ -73,12 +83,17 @@ pub fn canonical_image_name(name: &str) -> Result<String, NameError> {
 pub fn check_tag(key: &str, value: &str) -> Result<(), NameError> {
     let key_ok = !key.is_empty()
         && key.len() <= 63
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
     if !key_ok {
         return Err(NameError::BadTagKey(key.to_owned()));
     }
     if value.len() > 255 || value.chars().any(char::is_control) {
-        return Err(NameError::BadTagValue { key: key.to_owned(), value: value.to_owned() });
+        return Err(NameError::BadTagValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        });
     }
     Ok(())
 }
@@ -89,18 +104,38 @@ mod tests {
 
     #[test]
     fn hostnames_are_lower_cased_rfc1123() {
-        assert_eq!(canonical_hostname("Web-01.DC1.example.com").as_deref(), Ok("web-01.dc1.example.com"));
+        assert_eq!(
+            canonical_hostname("Web-01.DC1.example.com").as_deref(),
+            Ok("web-01.dc1.example.com")
+        );
         assert_eq!(canonical_hostname("web-01.").as_deref(), Ok("web-01"));
-        for bad in ["", "-web", "web-", "we_b", "a..b", "web 01", "wéb", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "we_b",
+            "a..b",
+            "web 01",
+            "wéb",
+            &"a".repeat(64),
+        ] {
             assert!(canonical_hostname(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn image_names_are_path_like() {
-        assert_eq!(canonical_image_name("/web/2026.11.01").as_deref(), Ok("web/2026.11.01"));
-        assert_eq!(canonical_image_name("db/v1_2-3").as_deref(), Ok("db/v1_2-3"));
-        for bad in ["", "/", "web//x", "web/../x", "..", "web/.", "web/x y", "web/x:1", "web/"] {
+        assert_eq!(
+            canonical_image_name("/web/2026.11.01").as_deref(),
+            Ok("web/2026.11.01")
+        );
+        assert_eq!(
+            canonical_image_name("db/v1_2-3").as_deref(),
+            Ok("db/v1_2-3")
+        );
+        for bad in [
+            "", "/", "web//x", "web/../x", "..", "web/.", "web/x y", "web/x:1", "web/",
+        ] {
             assert!(canonical_image_name(bad).is_err(), "{bad:?} accepted");
         }
     }

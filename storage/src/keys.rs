@@ -1,0 +1,117 @@
+//! Typed sled keys, encoded so that byte order is key order.
+//!
+//! Each kind of record has a one-byte prefix; numbers are big-endian and names come last, so
+//! a prefix scan walks one kind of record in order (log entries and journal records by index).
+
+/// Keys of the Raft log tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKey {
+    Vote,
+    Committed,
+    LastPurged,
+    Entry(u64),
+}
+
+impl LogKey {
+    const ENTRY: u8 = 0x10;
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            LogKey::Vote => vec![0x01],
+            LogKey::Committed => vec![0x02],
+            LogKey::LastPurged => vec![0x03],
+            LogKey::Entry(index) => index_key(Self::ENTRY, *index),
+        }
+    }
+
+    pub fn entry_index(key: &[u8]) -> Option<u64> {
+        decode_index(Self::ENTRY, key)
+    }
+}
+
+/// Keys of the state-machine tree: the applied position, the fleet state's records and the
+/// journal, all in one tree so that one sled batch updates them together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateKey {
+    /// Format version of this tree's records.
+    Format,
+    LastApplied,
+    LastMembership,
+    CurrentSnapshot,
+    JournalHead,
+    Machine(String),
+    Image(String),
+    Policy,
+    Journal(u64),
+}
+
+impl StateKey {
+    pub const MACHINE: u8 = 0x20;
+    pub const IMAGE: u8 = 0x21;
+    pub const JOURNAL: u8 = 0x30;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let named = |prefix: u8, name: &str| {
+            let mut key = Vec::with_capacity(1 + name.len());
+            key.push(prefix);
+            key.extend_from_slice(name.as_bytes());
+            key
+        };
+        match self {
+            StateKey::Format => vec![0x01],
+            StateKey::LastApplied => vec![0x02],
+            StateKey::LastMembership => vec![0x03],
+            StateKey::CurrentSnapshot => vec![0x04],
+            StateKey::JournalHead => vec![0x05],
+            StateKey::Policy => vec![0x10],
+            StateKey::Machine(name) => named(Self::MACHINE, name),
+            StateKey::Image(name) => named(Self::IMAGE, name),
+            StateKey::Journal(index) => index_key(Self::JOURNAL, *index),
+        }
+    }
+
+    pub fn journal_index(key: &[u8]) -> Option<u64> {
+        decode_index(Self::JOURNAL, key)
+    }
+}
+
+fn index_key(prefix: u8, index: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9);
+    key.push(prefix);
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn decode_index(prefix: u8, key: &[u8]) -> Option<u64> {
+    match key {
+        [p, rest @ ..] if *p == prefix => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_is_index_order() {
+        let indexes = [0u64, 1, 255, 256, 65_536, u64::MAX - 1, u64::MAX];
+        for pair in indexes.windows(2) {
+            assert!(LogKey::Entry(pair[0]).encode() < LogKey::Entry(pair[1]).encode());
+            assert!(StateKey::Journal(pair[0]).encode() < StateKey::Journal(pair[1]).encode());
+        }
+        assert_eq!(LogKey::entry_index(&LogKey::Entry(77).encode()), Some(77));
+        assert_eq!(
+            StateKey::journal_index(&StateKey::Journal(9).encode()),
+            Some(9)
+        );
+        assert_eq!(StateKey::journal_index(&LogKey::Entry(9).encode()), None);
+    }
+
+    #[test]
+    fn kinds_do_not_interleave() {
+        let machine = StateKey::Machine("\u{10ffff}".into()).encode();
+        assert!(machine < StateKey::Image(String::new()).encode());
+        assert!(StateKey::Image("zzz".into()).encode() < StateKey::Journal(0).encode());
+    }
+}

@@ -1,0 +1,612 @@
+//! The state machine in sled: applies committed events to the fleet state and the journal.
+//!
+//! Everything the state machine persists lives in one sled tree under [`StateKey`]s, so one
+//! batch per `apply` call writes the changed fleet records, the new journal records, the
+//! journal head and the applied log id together: after a crash the state is exactly what the
+//! applied id says, and openraft re-applies from there. On start the fleet state is loaded from
+//! its records, not replayed. Applied state is not fsynced per batch (the Raft log already is);
+//! building a snapshot syncs it first, because the log may be purged behind a snapshot.
+
+use std::io::{BufReader, BufWriter, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogId, StorageIOError};
+use tokio::sync::watch;
+
+use crate::durable::{decode, encode, Durable, StoreError};
+use crate::event::Event;
+use crate::fleet::{FleetState, Image, Machine, Policy, Touched};
+use crate::journal::{self, JournalHead, JournalRecord};
+use crate::keys::StateKey;
+use crate::snapshot::{Frame, SnapshotHeader, SnapshotReader, SnapshotWriter};
+use crate::types::{
+    Applied, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+const FORMAT: u32 = 1;
+
+/// What the state machine has applied, as one consistent view.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub state: FleetState,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub journal: JournalHead,
+}
+
+struct Shared {
+    tree: sled::Tree,
+    durable: Arc<Durable>,
+    snapshot_dir: PathBuf,
+    live: RwLock<Live>,
+    applied: watch::Sender<JournalHead>,
+}
+
+/// openraft's handle on the state machine.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+/// A read-only handle on the applied fleet state and journal, for the admin API.
+#[derive(Clone)]
+pub struct FleetView {
+    shared: Arc<Shared>,
+}
+
+fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(AnyError::new(&e)).into()
+}
+
+fn sm_write(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(AnyError::new(&e)).into()
+}
+
+fn snapshot_err(meta: Option<&SnapshotMeta>, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_snapshot(meta.map(|m| m.signature()), AnyError::new(&e)).into()
+}
+
+/// The persisted record for one touched part of the state: `Some(value)` to write, `None` to
+/// remove.
+fn record(state: &FleetState, touched: &Touched) -> (StateKey, Option<Vec<u8>>) {
+    match touched {
+        Touched::Machine(host) => (
+            StateKey::Machine(host.clone()),
+            state.machine(host).map(encode),
+        ),
+        Touched::Image(name) => (StateKey::Image(name.clone()), state.image(name).map(encode)),
+        Touched::Policy => (StateKey::Policy, Some(encode(state.policy()))),
+    }
+}
+
+/// Every record of a state, as written to a snapshot.
+fn all_records(state: &FleetState) -> Vec<(Vec<u8>, Vec<u8>)> {
+    state
+        .machines()
+        .map(|m| Touched::Machine(m.hostname.clone()))
+        .chain(state.images().map(|i| Touched::Image(i.name.clone())))
+        .chain([Touched::Policy])
+        .filter_map(|t| {
+            let (key, value) = record(state, &t);
+            Some((key.encode(), value?))
+        })
+        .collect()
+}
+
+fn scan<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    prefix: u8,
+) -> Result<Vec<T>, StoreError> {
+    tree.scan_prefix([prefix])
+        .map(|item| {
+            let (key, value) = item?;
+            decode(&String::from_utf8_lossy(&key), &value)
+        })
+        .collect()
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: StateKey,
+) -> Result<Option<T>, StoreError> {
+    tree.get(key.encode())?
+        .map(|v| decode(&format!("{key:?}"), &v))
+        .transpose()
+}
+
+fn load(tree: &sled::Tree) -> Result<Live, StoreError> {
+    let state = FleetState::from_records(
+        scan::<Machine>(tree, StateKey::MACHINE)?,
+        scan::<Image>(tree, StateKey::IMAGE)?,
+        get::<Policy>(tree, StateKey::Policy)?.unwrap_or_default(),
+    );
+    Ok(Live {
+        state,
+        last_applied: get::<Option<LogId>>(tree, StateKey::LastApplied)?.flatten(),
+        membership: get(tree, StateKey::LastMembership)?.unwrap_or_default(),
+        journal: get(tree, StateKey::JournalHead)?.unwrap_or_default(),
+    })
+}
+
+fn snapshot_file(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.snap"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(dir))
+}
+
+impl StateMachineStore {
+    pub fn open(
+        durable: Arc<Durable>,
+        snapshot_dir: PathBuf,
+    ) -> Result<StateMachineStore, StoreError> {
+        let tree = durable.db.open_tree("state")?;
+        match get::<u32>(&tree, StateKey::Format)? {
+            Some(FORMAT) => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    found,
+                    expected: FORMAT,
+                })
+            }
+            None => {
+                tree.insert(StateKey::Format.encode(), encode(&FORMAT))?;
+            }
+        }
+        std::fs::create_dir_all(&snapshot_dir).map_err(StoreError::io(&snapshot_dir))?;
+        let live = load(&tree)?;
+        let (applied, _) = watch::channel(live.journal);
+        let shared = Arc::new(Shared {
+            tree,
+            durable,
+            snapshot_dir,
+            live: RwLock::new(live),
+            applied,
+        });
+        Ok(StateMachineStore { shared })
+    }
+
+    pub fn view(&self) -> FleetView {
+        FleetView {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Shared {
+    fn live(&self) -> RwLockReadGuard<'_, Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply(&self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Applied>, StoreError> {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        let mut results = Vec::new();
+        let mut applied_any = false;
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            live.last_applied = Some(log_id);
+            applied_any = true;
+            let result = match entry.payload {
+                EntryPayload::Blank => Applied::NotAnEvent,
+                EntryPayload::Membership(membership) => {
+                    live.membership = StoredMembership::new(Some(log_id), membership);
+                    Applied::NotAnEvent
+                }
+                EntryPayload::Normal(bytes) => {
+                    let next = live.journal.index + 1;
+                    let outcome =
+                        Event::decode(&bytes.0)
+                            .map_err(|e| e.to_string())
+                            .and_then(|event| {
+                                live.state.apply(next, &event).map_err(|r| r.to_string())
+                            });
+                    match outcome {
+                        Err(reason) => Applied::Refused(reason),
+                        Ok(touched) => {
+                            for t in &touched {
+                                match record(&live.state, t) {
+                                    (key, Some(value)) => batch.insert(key.encode(), value),
+                                    (key, None) => batch.remove(key.encode()),
+                                }
+                            }
+                            let head = live.journal.next(&bytes.0);
+                            let rec = JournalRecord {
+                                log_index: log_id.index,
+                                hash: head.hash,
+                                event: bytes.0,
+                            };
+                            batch.insert(StateKey::Journal(head.index).encode(), encode(&rec));
+                            live.journal = head;
+                            Applied::Event(head)
+                        }
+                    }
+                }
+            };
+            results.push(result);
+        }
+        if applied_any {
+            batch.insert(StateKey::LastApplied.encode(), encode(&live.last_applied));
+            batch.insert(StateKey::LastMembership.encode(), encode(&live.membership));
+            batch.insert(StateKey::JournalHead.encode(), encode(&live.journal));
+            self.tree.apply_batch(batch)?;
+            self.applied.send_replace(live.journal);
+        }
+        Ok(results)
+    }
+
+    /// Writes a snapshot of what is applied now. Blocking.
+    fn build_snapshot(&self) -> Result<(SnapshotMeta, PathBuf), StoreError> {
+        let (header, records) = {
+            let live = self.live();
+            let header = SnapshotHeader {
+                last_applied: live.last_applied,
+                membership: live.membership.clone(),
+                journal: live.journal,
+            };
+            (header, all_records(&live.state))
+        };
+        // The log may be purged up to this snapshot once we return: the applied state it
+        // replaces must be on disk first.
+        self.durable.sync()?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = match header.last_applied {
+            Some(log_id) => format!(
+                "{}-{}-{}-{nanos}",
+                log_id.leader_id.term, log_id.index, header.journal.index
+            ),
+            None => format!("0-0-0-{nanos}"),
+        };
+        let path = snapshot_file(&self.snapshot_dir, &id);
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
+        let mut writer =
+            SnapshotWriter::new(BufWriter::new(file), &header).map_err(StoreError::io(&tmp))?;
+        for (key, value) in &records {
+            writer.state(key, value).map_err(StoreError::io(&tmp))?;
+        }
+        // Records up to the captured head never change, so they can be read while apply goes on.
+        let range =
+            StateKey::Journal(1).encode()..=StateKey::Journal(header.journal.index).encode();
+        if header.journal.index > 0 {
+            for item in self.tree.range(range) {
+                let (key, value) = item?;
+                let index = StateKey::journal_index(&key)
+                    .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
+                writer
+                    .journal(index, &value)
+                    .map_err(StoreError::io(&tmp))?;
+            }
+        }
+        let file = writer.finish().map_err(StoreError::io(&tmp))?;
+        let file = file.into_inner().map_err(|e| StoreError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(StoreError::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
+        sync_dir(&self.snapshot_dir)?;
+        let meta = SnapshotMeta {
+            last_log_id: header.last_applied,
+            last_membership: header.membership,
+            snapshot_id: id,
+        };
+        self.set_current_snapshot(&meta, &path)?;
+        Ok((meta, path))
+    }
+
+    fn set_current_snapshot(&self, meta: &SnapshotMeta, path: &Path) -> Result<(), StoreError> {
+        let previous = get::<(SnapshotMeta, PathBuf)>(&self.tree, StateKey::CurrentSnapshot)?;
+        self.tree
+            .insert(StateKey::CurrentSnapshot.encode(), encode(&(meta, path)))?;
+        self.durable.sync()?;
+        if let Some((_, old)) = previous.filter(|(_, old)| old != path) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+
+    /// Replaces the applied state with a received snapshot's. Blocking.
+    fn install_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        mut file: std::fs::File,
+    ) -> Result<(), StoreError> {
+        file.seek(SeekFrom::Start(0))
+            .map_err(StoreError::io(&self.snapshot_dir))?;
+        let path = snapshot_file(&self.snapshot_dir, &meta.snapshot_id);
+        let tmp = path.with_extension("tmp");
+        // Keep our own copy as the current snapshot while reading it: one pass over the data.
+        let copy = std::fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
+        let mut reader = SnapshotReader::new(Tee {
+            input: BufReader::new(file),
+            copy: BufWriter::new(copy),
+        })?;
+        let header = match reader.next_frame()? {
+            Some(Frame::Header(header)) => header,
+            _ => return Err(StoreError::Snapshot("first frame is not a header".into())),
+        };
+        if header.last_applied != meta.last_log_id {
+            return Err(StoreError::Snapshot(format!(
+                "header says last applied {:?}, meta says {:?}",
+                header.last_applied, meta.last_log_id
+            )));
+        }
+        let local_head = self.live().journal;
+        let mut state_batch = sled::Batch::default();
+        let mut machines = Vec::new();
+        let mut images = Vec::new();
+        let mut policy = Policy::default();
+        let mut head = JournalHead::default();
+        let mut journal_batch = sled::Batch::default();
+        let mut pending = 0usize;
+        while let Some(frame) = reader.next_frame()? {
+            match frame {
+                Frame::Header(_) => return Err(StoreError::Snapshot("second header".into())),
+                Frame::State(key, value) => {
+                    match key.first() {
+                        Some(&StateKey::MACHINE) => {
+                            machines.push(decode::<Machine>("snapshot machine", &value)?)
+                        }
+                        Some(&StateKey::IMAGE) => {
+                            images.push(decode::<Image>("snapshot image", &value)?)
+                        }
+                        _ if key == StateKey::Policy.encode() => {
+                            policy = decode("snapshot policy", &value)?
+                        }
+                        _ => {
+                            return Err(StoreError::Snapshot(format!(
+                                "unexpected state key {key:?}"
+                            )))
+                        }
+                    }
+                    state_batch.insert(key, value);
+                }
+                Frame::Journal(index, value) => {
+                    let record: JournalRecord = decode("snapshot journal record", &value)?;
+                    head = journal::verify(head, [(index, &record)])
+                        .map_err(|e| StoreError::Snapshot(format!("journal in snapshot: {e}")))?;
+                    // Records above our head are invisible until the final batch moves the
+                    // head, so they can be written in bounded chunks.
+                    if index > local_head.index
+                        || self.tree.get(StateKey::Journal(index).encode())?.as_deref()
+                            != Some(&value)
+                    {
+                        journal_batch.insert(StateKey::Journal(index).encode(), value);
+                        pending += 1;
+                    }
+                    if pending >= 4096 {
+                        self.tree.apply_batch(std::mem::take(&mut journal_batch))?;
+                        pending = 0;
+                    }
+                }
+            }
+        }
+        if head != header.journal {
+            return Err(StoreError::Snapshot(format!(
+                "journal ends at {head:?}, header says {:?}",
+                header.journal
+            )));
+        }
+        self.tree.apply_batch(journal_batch)?;
+        let Tee { copy, .. } = reader.into_inner();
+        let copy = copy.into_inner().map_err(|e| StoreError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        copy.sync_all().map_err(StoreError::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
+        sync_dir(&self.snapshot_dir)?;
+
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        for prefix in [StateKey::MACHINE, StateKey::IMAGE] {
+            for item in self.tree.scan_prefix([prefix]) {
+                let (key, _) = item?;
+                if !state_batch_contains(&machines, &images, &key) {
+                    state_batch.remove(key);
+                }
+            }
+        }
+        let stale_journal = StateKey::Journal(head.index.saturating_add(1)).encode()
+            ..=StateKey::Journal(u64::MAX).encode();
+        for item in self.tree.range(stale_journal) {
+            state_batch.remove(item?.0);
+        }
+        state_batch.insert(StateKey::Policy.encode(), encode(&policy));
+        state_batch.insert(StateKey::LastApplied.encode(), encode(&header.last_applied));
+        state_batch.insert(
+            StateKey::LastMembership.encode(),
+            encode(&header.membership),
+        );
+        state_batch.insert(StateKey::JournalHead.encode(), encode(&head));
+        self.tree.apply_batch(state_batch)?;
+        *live = Live {
+            state: FleetState::from_records(machines, images, policy),
+            last_applied: header.last_applied,
+            membership: header.membership,
+            journal: head,
+        };
+        self.applied.send_replace(head);
+        drop(live);
+        self.set_current_snapshot(meta, &path)?;
+        remove_partial_receives(&self.snapshot_dir);
+        Ok(())
+    }
+}
+
+fn state_batch_contains(machines: &[Machine], images: &[Image], key: &[u8]) -> bool {
+    let name = String::from_utf8_lossy(&key[1..]);
+    match key[0] {
+        StateKey::MACHINE => machines.iter().any(|m| m.hostname == name),
+        StateKey::IMAGE => images.iter().any(|i| i.name == name),
+        _ => false,
+    }
+}
+
+fn remove_partial_receives(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "part") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Copies what is read into a second file.
+struct Tee<R, W> {
+    input: R,
+    copy: W,
+}
+
+impl<R: std::io::Read, W: std::io::Write> std::io::Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.input.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Snapshot(format!("blocking task failed: {e}")))?
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let live = self.shared.live();
+        Ok((live.last_applied, live.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.shared.apply(entries).map_err(sm_write)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = self
+            .shared
+            .snapshot_dir
+            .join(format!("receiving-{nanos}.part"));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| snapshot_err(None, e))?;
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let file = snapshot.into_std().await;
+        let shared = self.shared.clone();
+        let owned_meta = meta.clone();
+        blocking(move || shared.install_snapshot(&owned_meta, file))
+            .await
+            .map_err(|e| snapshot_err(Some(meta), e))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some((meta, path)) =
+            get::<(SnapshotMeta, PathBuf)>(&self.shared.tree, StateKey::CurrentSnapshot)
+                .map_err(sm_read)?
+        else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| sm_read(StoreError::Io { path, source: e }))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let shared = self.shared.clone();
+        let (meta, path) = blocking(move || shared.build_snapshot())
+            .await
+            .map_err(|e| snapshot_err(None, e))?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| snapshot_err(Some(&meta), e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl FleetView {
+    /// Runs `f` on the applied state; keep it short, apply waits for it.
+    pub fn read<T>(&self, f: impl FnOnce(&Live) -> T) -> T {
+        f(&self.shared.live())
+    }
+
+    pub fn journal_head(&self) -> JournalHead {
+        self.shared.live().journal
+    }
+
+    /// Wakes on every applied journal record.
+    pub fn subscribe(&self) -> watch::Receiver<JournalHead> {
+        self.shared.applied.subscribe()
+    }
+
+    /// Journal records `from..=to` (bounded by the head), in order.
+    pub fn journal(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> impl Iterator<Item = Result<(u64, JournalRecord), StoreError>> + '_ {
+        let to = to.min(self.journal_head().index);
+        let range = StateKey::Journal(from.max(1)).encode()..=StateKey::Journal(to).encode();
+        let empty = from.max(1) > to;
+        self.shared
+            .tree
+            .range(range)
+            .filter(move |_| !empty)
+            .map(|item| {
+                let (key, value) = item?;
+                let index = StateKey::journal_index(&key)
+                    .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
+                Ok((index, decode("journal record", &value)?))
+            })
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.shared.durable.size_on_disk()
+    }
+}

@@ -1,0 +1,196 @@
+//! Storage tests against real sled directories: openraft's own conformance suite, durability
+//! across reopen, and snapshots that carry the journal.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, EntryPayload, Membership};
+use tempfile::TempDir;
+
+use crate::event::{Change, Event};
+use crate::log_store::LogStore;
+use crate::state_machine::StateMachineStore;
+use crate::types::{Applied, Entry, EventBytes, LogId, StorageError, TypeConfig, Vote};
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = TempDir::new().expect("temp dir");
+        let (log, sm) = crate::open(dir.path()).expect("open store");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError> {
+    Suite::test_all(SledBuilder)
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn event_entry(index: u64, change: Change) -> Entry {
+    let event = Event {
+        actor: "alice".into(),
+        time_unix_ms: index as i64,
+        reason: "test".into(),
+        change,
+    };
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(EventBytes(event.encode())),
+    }
+}
+
+fn machine(host: &str) -> Change {
+    Change::MachineAdded {
+        hostname: host.into(),
+        tags: BTreeMap::new(),
+        required_image: None,
+        planned_image: None,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn append(log: &mut LogStore, entries: Vec<Entry>) {
+    log.write_entries(entries).await.expect("append");
+}
+
+#[test]
+fn vote_log_commit_and_state_survive_reopen() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        {
+            let (mut log, mut sm) = crate::open(dir.path()).unwrap();
+            log.save_vote(&Vote::new(3, 2)).await.unwrap();
+            let entries = vec![
+                event_entry(1, machine("web-01")),
+                event_entry(2, machine("web-02")),
+            ];
+            append(&mut log, entries.clone()).await;
+            log.save_committed(Some(log_id(1, 2))).await.unwrap();
+            sm.apply(entries).await.unwrap();
+        }
+        let (mut log, mut sm) = crate::open(dir.path()).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+        assert_eq!(log.try_get_log_entries(1..3).await.unwrap().len(), 2);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)));
+        let view = sm.view();
+        assert_eq!(view.read(|l| l.state.machines().count()), 2);
+        assert_eq!(view.journal_head().index, 2);
+    });
+}
+
+#[test]
+fn a_second_open_of_one_data_dir_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let _first = crate::open(dir.path()).unwrap();
+    match crate::open(dir.path()) {
+        Err(crate::StoreError::Locked(_)) => {}
+        Err(other) => panic!("expected Locked, got {other}"),
+        Ok(_) => panic!("second open succeeded"),
+    }
+}
+
+#[test]
+fn refused_events_change_nothing_and_are_not_journaled() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let (_log, mut sm) = crate::open(dir.path()).unwrap();
+        let results = sm
+            .apply(vec![
+                event_entry(1, machine("web-01")),
+                event_entry(2, machine("web-01")),
+                Entry {
+                    log_id: log_id(1, 3),
+                    payload: EntryPayload::Normal(EventBytes(vec![0xff, 0x01])),
+                },
+                event_entry(
+                    4,
+                    Change::MachineRemoved {
+                        hostname: "web-01".into(),
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(results[0], Applied::Event(h) if h.index == 1));
+        assert!(matches!(&results[1], Applied::Refused(r) if r.contains("already exists")));
+        assert!(matches!(&results[2], Applied::Refused(_)));
+        assert!(matches!(results[3], Applied::Event(h) if h.index == 2));
+        let view = sm.view();
+        let records: Vec<_> = view.journal(1, u64::MAX).map(|r| r.unwrap()).collect();
+        assert_eq!(
+            records
+                .iter()
+                .map(|(i, r)| (*i, r.log_index))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 4)]
+        );
+        assert_eq!(view.read(|l| l.state.machines().count()), 0);
+    });
+}
+
+#[test]
+fn a_snapshot_carries_the_whole_journal_to_an_empty_replica() {
+    runtime().block_on(async {
+        let (leader_dir, follower_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        let (mut leader_log, mut leader) = crate::open(leader_dir.path()).unwrap();
+        let members = Membership::new(vec![BTreeSet::from([1, 2, 3])], ());
+        let mut entries = vec![Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Membership(members),
+        }];
+        entries.extend((2..=50).map(|i| event_entry(i, machine(&format!("m{i}")))));
+        leader.apply(entries).await.unwrap();
+        let snapshot = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        // The leader's log is purged behind the snapshot; the journal is not.
+        leader_log.purge(log_id(1, 50)).await.unwrap();
+        assert_eq!(leader.view().journal(1, u64::MAX).count(), 49);
+
+        let (_follower_log, mut follower) = crate::open(follower_dir.path()).unwrap();
+        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+        *receiving = *snapshot.snapshot;
+        follower
+            .install_snapshot(&snapshot.meta, receiving)
+            .await
+            .unwrap();
+
+        let (leader_view, follower_view) = (leader.view(), follower.view());
+        assert_eq!(follower_view.journal_head(), leader_view.journal_head());
+        assert_eq!(
+            follower_view.read(|l| l.state.clone()),
+            leader_view.read(|l| l.state.clone())
+        );
+        let journal = |v: &crate::state_machine::FleetView| {
+            v.journal(1, u64::MAX)
+                .map(|r| r.unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(journal(&follower_view), journal(&leader_view));
+        drop((follower, follower_view, _follower_log));
+
+        // And the installed state is what a restart loads.
+        let (_log, reopened) = crate::open(follower_dir.path()).unwrap();
+        assert_eq!(
+            reopened.view().read(|l| l.state.clone()),
+            leader_view.read(|l| l.state.clone())
+        );
+        assert_eq!(reopened.view().journal_head(), leader_view.journal_head());
+    });
+}
