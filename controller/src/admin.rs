@@ -1,0 +1,238 @@
+//! The admin gRPC service: proposals from operators, linearizable reads, cluster status.
+//!
+//! A proposal is decoded, made canonical and checked against the applied fleet state here, on
+//! the leader, so bad input is refused with a precise status before it enters the log. The
+//! leader then stamps the time and commits it; apply re-checks it (two proposals may race) and
+//! every replica reaches the same verdict.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dom_proto::v1 as pb;
+use dom_proto::v1::admin_client::AdminClient;
+use dom_storage::event::Event;
+use dom_storage::fleet::{self, Rejection};
+use dom_storage::state_machine::FleetView;
+use dom_storage::types::{Applied, EventBytes, NodeId, Raft};
+use openraft::{BasicNode, ServerState};
+use tonic::{Request, Response, Status};
+
+use crate::network::channel;
+
+/// gRPC metadata key carrying the leader's address on a redirect.
+pub const LEADER_METADATA: &str = "dom-leader";
+
+pub struct AdminService {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub view: FleetView,
+}
+
+fn not_leader(leader: Option<(NodeId, String)>) -> Status {
+    match leader {
+        Some((id, addr)) => {
+            let mut status = Status::unavailable(format!("not the leader; the leader is replica {id} at {addr}"));
+            if let Ok(value) = addr.parse() {
+                status.metadata_mut().insert(LEADER_METADATA, value);
+            }
+            status
+        }
+        None => Status::unavailable("no leader is elected yet; retry shortly"),
+    }
+}
+
+fn rejection_status(r: Rejection) -> Status {
+    if r.is_not_found() {
+        Status::not_found(r.to_string())
+    } else if r.is_conflict() {
+        Status::failed_precondition(r.to_string())
+    } else {
+        Status::invalid_argument(r.to_string())
+    }
+}
+
+pub fn machine_to_pb(m: &fleet::Machine) -> pb::Machine {
+    pb::Machine {
+        hostname: m.hostname.clone(),
+        tags: m.tags.clone(),
+        required_image: m.required_image.clone().unwrap_or_default(),
+        planned_image: m.planned_image.clone().unwrap_or_default(),
+        added_at: m.added_at,
+        changed_at: m.changed_at,
+    }
+}
+
+pub fn image_to_pb(i: &fleet::Image) -> pb::Image {
+    pb::Image {
+        name: i.name.clone(),
+        root_hash: i.root_hash.to_vec(),
+        files: i.files,
+        bytes: i.bytes,
+        created_at_unix_ms: i.created_at_unix_ms,
+        deleted: i.deleted_at.is_some(),
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl AdminService {
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let addr = metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())?;
+        Some((leader, addr))
+    }
+
+    /// Waits until this replica, as the leader, has applied everything committed before now.
+    async fn linearizable(&self) -> Result<(), Status> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(e) => match e.forward_to_leader::<BasicNode>() {
+                Some(f) => Err(not_leader(f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone())))),
+                None => Err(Status::unavailable(format!("cannot confirm leadership: {e}"))),
+            },
+        }
+    }
+
+    pub fn replica_status(&self) -> pb::ReplicaStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let journal = self.view.journal_head();
+        pb::ReplicaStatus {
+            id: self.id,
+            leader: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            state: role(metrics.state, membership.voter_ids().any(|v| v == self.id)).to_owned(),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            members: membership.nodes().map(|(id, n)| pb::Member { id: *id, addr: n.addr.clone() }).collect(),
+            voters: membership.voter_ids().collect(),
+            journal_index: journal.index,
+            journal_hash: journal.hash.to_vec(),
+            snapshot_index: metrics.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: metrics.purged.map(|l| l.index).unwrap_or(0),
+        }
+    }
+}
+
+fn role(state: ServerState, voter: bool) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Candidate => "candidate",
+        ServerState::Follower if voter => "follower",
+        ServerState::Follower | ServerState::Learner => "learner",
+        ServerState::Shutdown => "unreachable",
+    }
+}
+
+async fn ask_replica(addr: &str) -> Result<pb::ReplicaStatus, Status> {
+    let channel = channel(addr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let mut request = Request::new(pb::ReplicaStatusRequest {});
+    request.set_timeout(Duration::from_secs(1));
+    Ok(AdminClient::new(channel).replica_status(request).await?.into_inner())
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        let message = request.into_inner().event.ok_or_else(|| Status::invalid_argument("no event given"))?;
+        let mut event = Event::try_from(message).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if event.actor.trim().is_empty() {
+            return Err(Status::invalid_argument("an event needs an actor"));
+        }
+        event.change.canonicalize().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(not_leader(self.leader()));
+        }
+        // Check against everything committed so far, so that a refusal is about the real state.
+        self.linearizable().await?;
+        self.view.read(|live| live.state.check(&event.change)).map_err(rejection_status)?;
+        event.time_unix_ms = now_unix_ms();
+        let written = self.raft.client_write(EventBytes(event.encode())).await.map_err(|e| {
+            match e.forward_to_leader::<BasicNode>() {
+                Some(f) => not_leader(f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone()))),
+                None => Status::unavailable(format!("not committed: {e}")),
+            }
+        })?;
+        match written.data {
+            Applied::Event(head) => Ok(Response::new(pb::AppendResponse {
+                log_index: written.log_id.index,
+                journal_index: head.index,
+                journal_hash: head.hash.to_vec(),
+                time_unix_ms: event.time_unix_ms,
+            })),
+            Applied::Refused(reason) => Err(Status::failed_precondition(reason)),
+            Applied::NotAnEvent => Err(Status::internal("an event was applied as a non-event")),
+        }
+    }
+
+    async fn list_machines(
+        &self,
+        _request: Request<pb::ListMachinesRequest>,
+    ) -> Result<Response<pb::ListMachinesResponse>, Status> {
+        self.linearizable().await?;
+        Ok(Response::new(self.view.read(|live| pb::ListMachinesResponse {
+            machines: live.state.machines().map(machine_to_pb).collect(),
+            applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
+        })))
+    }
+
+    async fn get_machine(&self, request: Request<pb::GetMachineRequest>) -> Result<Response<pb::Machine>, Status> {
+        let hostname = dom_storage::names::canonical_hostname(&request.into_inner().hostname)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.linearizable().await?;
+        self.view
+            .read(|live| live.state.machine(&hostname).map(machine_to_pb))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("unknown machine {hostname:?}")))
+    }
+
+    async fn list_images(&self, _request: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
+        self.linearizable().await?;
+        Ok(Response::new(self.view.read(|live| pb::ListImagesResponse {
+            images: live.state.images().map(image_to_pb).collect(),
+            applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
+        })))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let local = self.replica_status();
+        let local_ref = &local;
+        let asks = local.members.iter().map(|member| async move {
+            let status = if member.id == self.id { Ok(local_ref.clone()) } else { ask_replica(&member.addr).await };
+            match status {
+                Ok(s) => pb::MemberStatus {
+                    id: member.id,
+                    addr: member.addr.clone(),
+                    role: s.state,
+                    last_log_index: s.last_log_index,
+                    applied_index: s.applied_index,
+                    term: s.term,
+                    journal_index: s.journal_index,
+                    journal_hash: s.journal_hash,
+                },
+                Err(_) => pb::MemberStatus {
+                    id: member.id,
+                    addr: member.addr.clone(),
+                    role: "unreachable".into(),
+                    ..Default::default()
+                },
+            }
+        });
+        let members = futures::future::join_all(asks).await;
+        Ok(Response::new(pb::ClusterStatusResponse { leader: local.leader, term: local.term, members }))
+    }
+
+    async fn replica_status(&self, _request: Request<pb::ReplicaStatusRequest>) -> Result<Response<pb::ReplicaStatus>, Status> {
+        Ok(Response::new(self.replica_status()))
+    }
+
+    async fn journal_head(&self, _request: Request<pb::JournalHeadRequest>) -> Result<Response<pb::JournalHeadResponse>, Status> {
+        let head = self.view.journal_head();
+        Ok(Response::new(pb::JournalHeadResponse { index: head.index, hash: head.hash.to_vec() }))
+    }
+}
