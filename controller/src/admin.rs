@@ -27,16 +27,31 @@ pub struct AdminService {
     pub view: FleetView,
 }
 
+/// gRPC metadata key marking an UNAVAILABLE answer from a live replica (as opposed to a
+/// connection failure): the client should retry, here or at the leader.
+pub const RETRY_METADATA: &str = "dom-retry";
+
+fn retry_later(message: String) -> Status {
+    let mut status = Status::unavailable(message);
+    status.metadata_mut().insert(
+        RETRY_METADATA,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
+}
+
 fn not_leader(leader: Option<(NodeId, String)>) -> Status {
     match leader {
         Some((id, addr)) => {
-            let mut status = Status::unavailable(format!("not the leader; the leader is replica {id} at {addr}"));
+            let mut status = retry_later(format!(
+                "not the leader; the leader is replica {id} at {addr}"
+            ));
             if let Ok(value) = addr.parse() {
                 status.metadata_mut().insert(LEADER_METADATA, value);
             }
             status
         }
-        None => Status::unavailable("no leader is elected yet; retry shortly"),
+        None => retry_later("no leader is elected yet; retry shortly".into()),
     }
 }
 
@@ -73,14 +88,21 @@ pub fn image_to_pb(i: &fleet::Image) -> pb::Image {
 }
 
 fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl AdminService {
     fn leader(&self) -> Option<(NodeId, String)> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;
-        let addr = metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())?;
         Some((leader, addr))
     }
 
@@ -89,8 +111,11 @@ impl AdminService {
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(e) => match e.forward_to_leader::<BasicNode>() {
-                Some(f) => Err(not_leader(f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone())))),
-                None => Err(Status::unavailable(format!("cannot confirm leadership: {e}"))),
+                Some(f) => Err(not_leader(
+                    f.leader_id
+                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
+                )),
+                None => Err(retry_later(format!("cannot confirm leadership: {e}"))),
             },
         }
     }
@@ -106,7 +131,13 @@ impl AdminService {
             state: role(metrics.state, membership.voter_ids().any(|v| v == self.id)).to_owned(),
             last_log_index: metrics.last_log_index.unwrap_or(0),
             applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
-            members: membership.nodes().map(|(id, n)| pb::Member { id: *id, addr: n.addr.clone() }).collect(),
+            members: membership
+                .nodes()
+                .map(|(id, n)| pb::Member {
+                    id: *id,
+                    addr: n.addr.clone(),
+                })
+                .collect(),
             voters: membership.voter_ids().collect(),
             journal_index: journal.index,
             journal_hash: journal.hash.to_vec(),
@@ -130,31 +161,51 @@ async fn ask_replica(addr: &str) -> Result<pb::ReplicaStatus, Status> {
     let channel = channel(addr).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut request = Request::new(pb::ReplicaStatusRequest {});
     request.set_timeout(Duration::from_secs(1));
-    Ok(AdminClient::new(channel).replica_status(request).await?.into_inner())
+    Ok(AdminClient::new(channel)
+        .replica_status(request)
+        .await?
+        .into_inner())
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
-        let message = request.into_inner().event.ok_or_else(|| Status::invalid_argument("no event given"))?;
-        let mut event = Event::try_from(message).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    async fn append(
+        &self,
+        request: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendResponse>, Status> {
+        let message = request
+            .into_inner()
+            .event
+            .ok_or_else(|| Status::invalid_argument("no event given"))?;
+        let mut event =
+            Event::try_from(message).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if event.actor.trim().is_empty() {
             return Err(Status::invalid_argument("an event needs an actor"));
         }
-        event.change.canonicalize().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        event
+            .change
+            .canonicalize()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if self.raft.metrics().borrow().state != ServerState::Leader {
             return Err(not_leader(self.leader()));
         }
         // Check against everything committed so far, so that a refusal is about the real state.
         self.linearizable().await?;
-        self.view.read(|live| live.state.check(&event.change)).map_err(rejection_status)?;
+        self.view
+            .read(|live| live.state.check(&event.change))
+            .map_err(rejection_status)?;
         event.time_unix_ms = now_unix_ms();
-        let written = self.raft.client_write(EventBytes(event.encode())).await.map_err(|e| {
-            match e.forward_to_leader::<BasicNode>() {
-                Some(f) => not_leader(f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone()))),
-                None => Status::unavailable(format!("not committed: {e}")),
-            }
-        })?;
+        let written = self
+            .raft
+            .client_write(EventBytes(event.encode()))
+            .await
+            .map_err(|e| match e.forward_to_leader::<BasicNode>() {
+                Some(f) => not_leader(
+                    f.leader_id
+                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
+                ),
+                None => retry_later(format!("not committed: {e}")),
+            })?;
         match written.data {
             Applied::Event(head) => Ok(Response::new(pb::AppendResponse {
                 log_index: written.log_id.index,
@@ -172,13 +223,18 @@ impl pb::admin_server::Admin for AdminService {
         _request: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
         self.linearizable().await?;
-        Ok(Response::new(self.view.read(|live| pb::ListMachinesResponse {
-            machines: live.state.machines().map(machine_to_pb).collect(),
-            applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
+        Ok(Response::new(self.view.read(|live| {
+            pb::ListMachinesResponse {
+                machines: live.state.machines().map(machine_to_pb).collect(),
+                applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
+            }
         })))
     }
 
-    async fn get_machine(&self, request: Request<pb::GetMachineRequest>) -> Result<Response<pb::Machine>, Status> {
+    async fn get_machine(
+        &self,
+        request: Request<pb::GetMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
         let hostname = dom_storage::names::canonical_hostname(&request.into_inner().hostname)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.linearizable().await?;
@@ -188,11 +244,16 @@ impl pb::admin_server::Admin for AdminService {
             .ok_or_else(|| Status::not_found(format!("unknown machine {hostname:?}")))
     }
 
-    async fn list_images(&self, _request: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
+    async fn list_images(
+        &self,
+        _request: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
         self.linearizable().await?;
-        Ok(Response::new(self.view.read(|live| pb::ListImagesResponse {
-            images: live.state.images().map(image_to_pb).collect(),
-            applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
+        Ok(Response::new(self.view.read(|live| {
+            pb::ListImagesResponse {
+                images: live.state.images().map(image_to_pb).collect(),
+                applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
+            }
         })))
     }
 
@@ -203,7 +264,11 @@ impl pb::admin_server::Admin for AdminService {
         let local = self.replica_status();
         let local_ref = &local;
         let asks = local.members.iter().map(|member| async move {
-            let status = if member.id == self.id { Ok(local_ref.clone()) } else { ask_replica(&member.addr).await };
+            let status = if member.id == self.id {
+                Ok(local_ref.clone())
+            } else {
+                ask_replica(&member.addr).await
+            };
             match status {
                 Ok(s) => pb::MemberStatus {
                     id: member.id,
@@ -224,15 +289,28 @@ impl pb::admin_server::Admin for AdminService {
             }
         });
         let members = futures::future::join_all(asks).await;
-        Ok(Response::new(pb::ClusterStatusResponse { leader: local.leader, term: local.term, members }))
+        Ok(Response::new(pb::ClusterStatusResponse {
+            leader: local.leader,
+            term: local.term,
+            members,
+        }))
     }
 
-    async fn replica_status(&self, _request: Request<pb::ReplicaStatusRequest>) -> Result<Response<pb::ReplicaStatus>, Status> {
+    async fn replica_status(
+        &self,
+        _request: Request<pb::ReplicaStatusRequest>,
+    ) -> Result<Response<pb::ReplicaStatus>, Status> {
         Ok(Response::new(self.replica_status()))
     }
 
-    async fn journal_head(&self, _request: Request<pb::JournalHeadRequest>) -> Result<Response<pb::JournalHeadResponse>, Status> {
+    async fn journal_head(
+        &self,
+        _request: Request<pb::JournalHeadRequest>,
+    ) -> Result<Response<pb::JournalHeadResponse>, Status> {
         let head = self.view.journal_head();
-        Ok(Response::new(pb::JournalHeadResponse { index: head.index, hash: head.hash.to_vec() }))
+        Ok(Response::new(pb::JournalHeadResponse {
+            index: head.index,
+            hash: head.hash.to_vec(),
+        }))
     }
 }

@@ -61,16 +61,26 @@ struct FileConfig {
 fn config(args: Args) -> anyhow::Result<ReplicaConfig> {
     let file = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
         }
         None => FileConfig::default(),
     };
-    let Some(id) = args.id.or(file.id) else { bail!("--id is required") };
-    let Some(listen) = args.listen.or(file.listen) else { bail!("--listen is required") };
-    let Some(data_dir) = args.data_dir.or(file.data_dir) else { bail!("--data-dir is required") };
-    let Some(peers) = args.peers.or(file.peers) else { bail!("--peers is required") };
-    let peers: BTreeMap<u64, String> = replica::parse_peers(&peers).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
+    let Some(id) = args.id.or(file.id) else {
+        bail!("--id is required")
+    };
+    let Some(listen) = args.listen.or(file.listen) else {
+        bail!("--listen is required")
+    };
+    let Some(data_dir) = args.data_dir.or(file.data_dir) else {
+        bail!("--data-dir is required")
+    };
+    let Some(peers) = args.peers.or(file.peers) else {
+        bail!("--peers is required")
+    };
+    let peers: BTreeMap<u64, String> =
+        replica::parse_peers(&peers).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
     let mut config = ReplicaConfig::new(id, listen, data_dir, peers);
     if let Some(n) = args.snapshot_logs.or(file.snapshot_logs) {
         config.snapshot_logs = n.max(1);
@@ -86,7 +96,10 @@ fn config(args: Args) -> anyhow::Result<ReplicaConfig> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -100,6 +113,7 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into()),

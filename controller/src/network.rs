@@ -5,11 +5,13 @@ use std::time::Duration;
 use dom_proto::v1 as pb;
 use dom_proto::v1::raft_client::RaftClient;
 use dom_storage::types::{NodeId, TypeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use tonic::transport::{Channel, Endpoint};
@@ -39,17 +41,27 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         let client = channel(&node.addr)
-            .map(|c| RaftClient::new(c).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+            .map(|c| {
+                RaftClient::new(c)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX)
+            })
             .map_err(|e| format!("bad address {:?} of replica {target}: {e}", node.addr));
         Peer { target, client }
     }
 }
 
-type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
-fn transport_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+fn transport_error<E: std::error::Error>(
+    status: tonic::Status,
+) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
     // Connection failures make openraft back off; anything else is retried at its pace.
-    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) {
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+    ) {
         RPCError::Unreachable(Unreachable::new(&status))
     } else {
         RPCError::Network(NetworkError::new(&status))
@@ -58,7 +70,9 @@ fn transport_error<E: std::error::Error>(status: tonic::Status) -> RPCError<Node
 
 impl Peer {
     fn client<E: std::error::Error>(&self) -> RpcResult<RaftClient<Channel>, E> {
-        self.client.clone().map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))
+        self.client
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))
     }
 }
 
@@ -68,7 +82,9 @@ fn request<T>(message: T, option: &RPCOption) -> tonic::Request<T> {
     request
 }
 
-fn bad_reply<E: std::error::Error>(e: wire::WireError) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+fn bad_reply<E: std::error::Error>(
+    e: wire::WireError,
+) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
     RPCError::Network(NetworkError::new(&e))
 }
 
@@ -98,13 +114,23 @@ impl RaftNetwork<TypeConfig> for Peer {
             .map_err(transport_error)?
             .into_inner();
         if let Some(mismatch) = reply.mismatch {
-            let error = InstallSnapshotError::SnapshotMismatch(wire::snapshot_mismatch_from_pb(mismatch));
-            return Err(RPCError::RemoteError(RemoteError::new(self.target, RaftError::APIError(error))));
+            let error =
+                InstallSnapshotError::SnapshotMismatch(wire::snapshot_mismatch_from_pb(mismatch));
+            return Err(RPCError::RemoteError(RemoteError::new(
+                self.target,
+                RaftError::APIError(error),
+            )));
         }
-        Ok(InstallSnapshotResponse { vote: wire::vote_from_pb(reply.vote).map_err(bad_reply)? })
+        Ok(InstallSnapshotResponse {
+            vote: wire::vote_from_pb(reply.vote).map_err(bad_reply)?,
+        })
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
         let reply = self
             .client()?
             .vote(request(wire::vote_request_to_pb(rpc), &option))
@@ -134,7 +160,10 @@ impl pb::raft_server::Raft for RaftService {
         Ok(tonic::Response::new(wire::append_response_to_pb(resp)))
     }
 
-    async fn vote(&self, request: tonic::Request<pb::VoteRequest>) -> Result<tonic::Response<pb::VoteResponse>, tonic::Status> {
+    async fn vote(
+        &self,
+        request: tonic::Request<pb::VoteRequest>,
+    ) -> Result<tonic::Response<pb::VoteResponse>, tonic::Status> {
         let rpc = wire::vote_request_from_pb(request.into_inner())?;
         let resp = self.raft.vote(rpc).await.map_err(raft_failure)?;
         Ok(tonic::Response::new(wire::vote_response_to_pb(resp)))

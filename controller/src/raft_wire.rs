@@ -6,10 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dom_proto::v1 as pb;
-use dom_storage::types::{Entry, EventBytes, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+use dom_storage::types::{
+    Entry, EventBytes, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, EntryPayload, LeaderId, Membership};
 
@@ -28,7 +30,10 @@ fn need<T>(value: Option<T>, what: &'static str) -> Result<T, WireError> {
 }
 
 pub fn leader_id_to_pb(id: &LeaderId<NodeId>) -> pb::LeaderId {
-    pb::LeaderId { term: id.term, node_id: id.node_id }
+    pb::LeaderId {
+        term: id.term,
+        node_id: id.node_id,
+    }
 }
 
 fn leader_id_from_pb(id: Option<pb::LeaderId>) -> Result<LeaderId<NodeId>, WireError> {
@@ -37,20 +42,32 @@ fn leader_id_from_pb(id: Option<pb::LeaderId>) -> Result<LeaderId<NodeId>, WireE
 }
 
 pub fn vote_to_pb(vote: &Vote) -> pb::Vote {
-    pb::Vote { leader_id: Some(leader_id_to_pb(&vote.leader_id)), committed: vote.committed }
+    pb::Vote {
+        leader_id: Some(leader_id_to_pb(&vote.leader_id)),
+        committed: vote.committed,
+    }
 }
 
 pub fn vote_from_pb(vote: Option<pb::Vote>) -> Result<Vote, WireError> {
     let vote = need(vote, "vote")?;
-    Ok(Vote { leader_id: leader_id_from_pb(vote.leader_id)?, committed: vote.committed })
+    Ok(Vote {
+        leader_id: leader_id_from_pb(vote.leader_id)?,
+        committed: vote.committed,
+    })
 }
 
 pub fn log_id_to_pb(log_id: &LogId) -> pb::LogId {
-    pb::LogId { leader_id: Some(leader_id_to_pb(&log_id.leader_id)), index: log_id.index }
+    pb::LogId {
+        leader_id: Some(leader_id_to_pb(&log_id.leader_id)),
+        index: log_id.index,
+    }
 }
 
 fn log_id_from_pb(log_id: pb::LogId) -> Result<LogId, WireError> {
-    Ok(LogId::new(leader_id_from_pb(log_id.leader_id)?, log_id.index))
+    Ok(LogId::new(
+        leader_id_from_pb(log_id.leader_id)?,
+        log_id.index,
+    ))
 }
 
 fn opt_log_id_from_pb(log_id: Option<pb::LogId>) -> Result<Option<LogId>, WireError> {
@@ -59,25 +76,55 @@ fn opt_log_id_from_pb(log_id: Option<pb::LogId>) -> Result<Option<LogId>, WireEr
 
 pub fn membership_to_pb(m: &Membership<NodeId, BasicNode>) -> pb::Membership {
     pb::Membership {
-        configs: m.get_joint_config().iter().map(|set| pb::NodeIdSet { ids: set.iter().copied().collect() }).collect(),
-        nodes: m.nodes().map(|(id, node)| pb::Member { id: *id, addr: node.addr.clone() }).collect(),
+        configs: m
+            .get_joint_config()
+            .iter()
+            .map(|set| pb::NodeIdSet {
+                ids: set.iter().copied().collect(),
+            })
+            .collect(),
+        nodes: m
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                id: *id,
+                addr: node.addr.clone(),
+            })
+            .collect(),
     }
 }
 
-pub fn membership_from_pb(m: Option<pb::Membership>) -> Result<Membership<NodeId, BasicNode>, WireError> {
+pub fn membership_from_pb(
+    m: Option<pb::Membership>,
+) -> Result<Membership<NodeId, BasicNode>, WireError> {
     let m = need(m, "membership")?;
-    let configs: Vec<BTreeSet<NodeId>> = m.configs.into_iter().map(|c| c.ids.into_iter().collect()).collect();
-    let nodes: BTreeMap<NodeId, BasicNode> = m.nodes.into_iter().map(|n| (n.id, BasicNode::new(n.addr))).collect();
+    let configs: Vec<BTreeSet<NodeId>> = m
+        .configs
+        .into_iter()
+        .map(|c| c.ids.into_iter().collect())
+        .collect();
+    let nodes: BTreeMap<NodeId, BasicNode> = m
+        .nodes
+        .into_iter()
+        .map(|n| (n.id, BasicNode::new(n.addr)))
+        .collect();
     Ok(Membership::new(configs, nodes))
 }
 
 fn stored_membership_to_pb(m: &StoredMembership) -> pb::StoredMembership {
-    pb::StoredMembership { log_id: m.log_id().as_ref().map(log_id_to_pb), membership: Some(membership_to_pb(m.membership())) }
+    pb::StoredMembership {
+        log_id: m.log_id().as_ref().map(log_id_to_pb),
+        membership: Some(membership_to_pb(m.membership())),
+    }
 }
 
-fn stored_membership_from_pb(m: Option<pb::StoredMembership>) -> Result<StoredMembership, WireError> {
+fn stored_membership_from_pb(
+    m: Option<pb::StoredMembership>,
+) -> Result<StoredMembership, WireError> {
     let m = need(m, "stored membership")?;
-    Ok(StoredMembership::new(opt_log_id_from_pb(m.log_id)?, membership_from_pb(m.membership)?))
+    Ok(StoredMembership::new(
+        opt_log_id_from_pb(m.log_id)?,
+        membership_from_pb(m.membership)?,
+    ))
 }
 
 fn entry_to_pb(entry: Entry) -> pb::Entry {
@@ -87,7 +134,10 @@ fn entry_to_pb(entry: Entry) -> pb::Entry {
         EntryPayload::Normal(EventBytes(bytes)) => Payload::Event(bytes),
         EntryPayload::Membership(m) => Payload::Membership(membership_to_pb(&m)),
     };
-    pb::Entry { log_id: Some(log_id_to_pb(&entry.log_id)), payload: Some(payload) }
+    pb::Entry {
+        log_id: Some(log_id_to_pb(&entry.log_id)),
+        payload: Some(payload),
+    }
 }
 
 fn entry_from_pb(entry: pb::Entry) -> Result<Entry, WireError> {
@@ -97,7 +147,10 @@ fn entry_from_pb(entry: pb::Entry) -> Result<Entry, WireError> {
         Payload::Event(bytes) => EntryPayload::Normal(EventBytes(bytes)),
         Payload::Membership(m) => EntryPayload::Membership(membership_from_pb(Some(m))?),
     };
-    Ok(Entry { log_id: log_id_from_pb(need(entry.log_id, "entry log id")?)?, payload })
+    Ok(Entry {
+        log_id: log_id_from_pb(need(entry.log_id, "entry log id")?)?,
+        payload,
+    })
 }
 
 pub fn append_request_to_pb(req: AppendEntriesRequest<TypeConfig>) -> pb::AppendEntriesRequest {
@@ -109,11 +162,17 @@ pub fn append_request_to_pb(req: AppendEntriesRequest<TypeConfig>) -> pb::Append
     }
 }
 
-pub fn append_request_from_pb(req: pb::AppendEntriesRequest) -> Result<AppendEntriesRequest<TypeConfig>, WireError> {
+pub fn append_request_from_pb(
+    req: pb::AppendEntriesRequest,
+) -> Result<AppendEntriesRequest<TypeConfig>, WireError> {
     Ok(AppendEntriesRequest {
         vote: vote_from_pb(req.vote)?,
         prev_log_id: opt_log_id_from_pb(req.prev_log_id)?,
-        entries: req.entries.into_iter().map(entry_from_pb).collect::<Result<_, _>>()?,
+        entries: req
+            .entries
+            .into_iter()
+            .map(entry_from_pb)
+            .collect::<Result<_, _>>()?,
         leader_commit: opt_log_id_from_pb(req.leader_commit)?,
     })
 }
@@ -122,31 +181,43 @@ pub fn append_response_to_pb(resp: AppendEntriesResponse<NodeId>) -> pb::AppendE
     use pb::append_entries_response::Result as R;
     let result = match resp {
         AppendEntriesResponse::Success => R::Success(pb::Blank {}),
-        AppendEntriesResponse::PartialSuccess(matching) => {
-            R::PartialSuccess(pb::PartialSuccess { matching: matching.as_ref().map(log_id_to_pb) })
-        }
+        AppendEntriesResponse::PartialSuccess(matching) => R::PartialSuccess(pb::PartialSuccess {
+            matching: matching.as_ref().map(log_id_to_pb),
+        }),
         AppendEntriesResponse::Conflict => R::Conflict(pb::Blank {}),
         AppendEntriesResponse::HigherVote(vote) => R::HigherVote(vote_to_pb(&vote)),
     };
-    pb::AppendEntriesResponse { result: Some(result) }
+    pb::AppendEntriesResponse {
+        result: Some(result),
+    }
 }
 
-pub fn append_response_from_pb(resp: pb::AppendEntriesResponse) -> Result<AppendEntriesResponse<NodeId>, WireError> {
+pub fn append_response_from_pb(
+    resp: pb::AppendEntriesResponse,
+) -> Result<AppendEntriesResponse<NodeId>, WireError> {
     use pb::append_entries_response::Result as R;
     Ok(match need(resp.result, "append result")? {
         R::Success(_) => AppendEntriesResponse::Success,
-        R::PartialSuccess(p) => AppendEntriesResponse::PartialSuccess(opt_log_id_from_pb(p.matching)?),
+        R::PartialSuccess(p) => {
+            AppendEntriesResponse::PartialSuccess(opt_log_id_from_pb(p.matching)?)
+        }
         R::Conflict(_) => AppendEntriesResponse::Conflict,
         R::HigherVote(v) => AppendEntriesResponse::HigherVote(vote_from_pb(Some(v))?),
     })
 }
 
 pub fn vote_request_to_pb(req: VoteRequest<NodeId>) -> pb::VoteRequest {
-    pb::VoteRequest { vote: Some(vote_to_pb(&req.vote)), last_log_id: req.last_log_id.as_ref().map(log_id_to_pb) }
+    pb::VoteRequest {
+        vote: Some(vote_to_pb(&req.vote)),
+        last_log_id: req.last_log_id.as_ref().map(log_id_to_pb),
+    }
 }
 
 pub fn vote_request_from_pb(req: pb::VoteRequest) -> Result<VoteRequest<NodeId>, WireError> {
-    Ok(VoteRequest { vote: vote_from_pb(req.vote)?, last_log_id: opt_log_id_from_pb(req.last_log_id)? })
+    Ok(VoteRequest {
+        vote: vote_from_pb(req.vote)?,
+        last_log_id: opt_log_id_from_pb(req.last_log_id)?,
+    })
 }
 
 pub fn vote_response_to_pb(resp: VoteResponse<NodeId>) -> pb::VoteResponse {
@@ -182,7 +253,9 @@ fn snapshot_meta_from_pb(meta: Option<pb::SnapshotMeta>) -> Result<SnapshotMeta,
     })
 }
 
-pub fn snapshot_request_to_pb(req: InstallSnapshotRequest<TypeConfig>) -> pb::InstallSnapshotRequest {
+pub fn snapshot_request_to_pb(
+    req: InstallSnapshotRequest<TypeConfig>,
+) -> pb::InstallSnapshotRequest {
     pb::InstallSnapshotRequest {
         vote: Some(vote_to_pb(&req.vote)),
         meta: Some(snapshot_meta_to_pb(&req.meta)),
@@ -192,7 +265,9 @@ pub fn snapshot_request_to_pb(req: InstallSnapshotRequest<TypeConfig>) -> pb::In
     }
 }
 
-pub fn snapshot_request_from_pb(req: pb::InstallSnapshotRequest) -> Result<InstallSnapshotRequest<TypeConfig>, WireError> {
+pub fn snapshot_request_from_pb(
+    req: pb::InstallSnapshotRequest,
+) -> Result<InstallSnapshotRequest<TypeConfig>, WireError> {
     Ok(InstallSnapshotRequest {
         vote: vote_from_pb(req.vote)?,
         meta: snapshot_meta_from_pb(req.meta)?,
@@ -202,8 +277,13 @@ pub fn snapshot_request_from_pb(req: pb::InstallSnapshotRequest) -> Result<Insta
     })
 }
 
-pub fn snapshot_response_to_pb(resp: InstallSnapshotResponse<NodeId>) -> pb::InstallSnapshotResponse {
-    pb::InstallSnapshotResponse { vote: Some(vote_to_pb(&resp.vote)), mismatch: None }
+pub fn snapshot_response_to_pb(
+    resp: InstallSnapshotResponse<NodeId>,
+) -> pb::InstallSnapshotResponse {
+    pb::InstallSnapshotResponse {
+        vote: Some(vote_to_pb(&resp.vote)),
+        mismatch: None,
+    }
 }
 
 pub fn snapshot_mismatch_to_pb(m: &openraft::error::SnapshotMismatch) -> pb::SnapshotMismatch {
@@ -218,8 +298,14 @@ pub fn snapshot_mismatch_to_pb(m: &openraft::error::SnapshotMismatch) -> pb::Sna
 pub fn snapshot_mismatch_from_pb(m: pb::SnapshotMismatch) -> openraft::error::SnapshotMismatch {
     use openraft::SnapshotSegmentId;
     openraft::error::SnapshotMismatch {
-        expect: SnapshotSegmentId { id: m.expected_id, offset: m.expected_offset },
-        got: SnapshotSegmentId { id: m.got_id, offset: m.got_offset },
+        expect: SnapshotSegmentId {
+            id: m.expected_id,
+            offset: m.expected_offset,
+        },
+        got: SnapshotSegmentId {
+            id: m.got_id,
+            offset: m.got_offset,
+        },
     }
 }
 
@@ -232,15 +318,28 @@ mod tests {
         let log_id = LogId::new(LeaderId::new(3, 2), 17);
         let membership = Membership::new(
             vec![BTreeSet::from([1, 2, 3])],
-            BTreeMap::from([(1, BasicNode::new("a:1")), (2, BasicNode::new("b:2")), (3, BasicNode::new("c:3"))]),
+            BTreeMap::from([
+                (1, BasicNode::new("a:1")),
+                (2, BasicNode::new("b:2")),
+                (3, BasicNode::new("c:3")),
+            ]),
         );
         let req = AppendEntriesRequest::<TypeConfig> {
             vote: Vote::new_committed(3, 2),
             prev_log_id: Some(log_id),
             entries: vec![
-                Entry { log_id, payload: EntryPayload::Blank },
-                Entry { log_id: LogId::new(LeaderId::new(3, 2), 18), payload: EntryPayload::Normal(EventBytes(vec![1, 2])) },
-                Entry { log_id: LogId::new(LeaderId::new(3, 2), 19), payload: EntryPayload::Membership(membership) },
+                Entry {
+                    log_id,
+                    payload: EntryPayload::Blank,
+                },
+                Entry {
+                    log_id: LogId::new(LeaderId::new(3, 2), 18),
+                    payload: EntryPayload::Normal(EventBytes(vec![1, 2])),
+                },
+                Entry {
+                    log_id: LogId::new(LeaderId::new(3, 2), 19),
+                    payload: EntryPayload::Membership(membership),
+                },
             ],
             leader_commit: None,
         };
@@ -253,7 +352,10 @@ mod tests {
             AppendEntriesResponse::Conflict,
             AppendEntriesResponse::HigherVote(Vote::new(4, 1)),
         ] {
-            assert_eq!(append_response_from_pb(append_response_to_pb(resp.clone())).unwrap(), resp);
+            assert_eq!(
+                append_response_from_pb(append_response_to_pb(resp.clone())).unwrap(),
+                resp
+            );
         }
     }
 

@@ -32,8 +32,21 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf, peers: BTreeMap<NodeId, String>) -> Self {
-        ReplicaConfig { id, listen, data_dir, peers, snapshot_logs: 10_000, heartbeat_ms: 100, election_timeout_ms: 1_000 }
+    pub fn new(
+        id: NodeId,
+        listen: SocketAddr,
+        data_dir: PathBuf,
+        peers: BTreeMap<NodeId, String>,
+    ) -> Self {
+        ReplicaConfig {
+            id,
+            listen,
+            data_dir,
+            peers,
+            snapshot_logs: 10_000,
+            heartbeat_ms: 100,
+            election_timeout_ms: 1_000,
+        }
     }
 }
 
@@ -42,13 +55,19 @@ pub enum ReplicaError {
     #[error("--peers does not name this replica's id {0}")]
     NotAPeer(NodeId),
     #[error("storage in {dir}: {source}")]
-    Storage { dir: PathBuf, source: dom_storage::StoreError },
+    Storage {
+        dir: PathBuf,
+        source: dom_storage::StoreError,
+    },
     #[error("raft configuration: {0}")]
     Config(String),
     #[error("raft: {0}")]
     Raft(String),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -57,13 +76,22 @@ pub enum ReplicaError {
 pub fn parse_peers(text: &str) -> Result<BTreeMap<NodeId, String>, String> {
     let mut peers = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
-        let id: NodeId = id.trim().parse().map_err(|_| format!("{id:?} is not a replica id (a positive integer)"))?;
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{id:?} is not a replica id (a positive integer)"))?;
         if id == 0 {
             return Err("replica ids start at 1".into());
         }
         let addr = addr.trim();
-        if addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .is_none()
+        {
             return Err(format!("{addr:?} is not HOST:PORT"));
         }
         if peers.insert(id, addr.to_owned()).is_some() {
@@ -82,12 +110,18 @@ pub struct Replica {
 }
 
 /// Runs a replica until `shutdown` completes, then stops Raft and the server cleanly.
-pub async fn run(config: ReplicaConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ReplicaError> {
+pub async fn run(
+    config: ReplicaConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ReplicaError> {
     if !config.peers.contains_key(&config.id) {
         return Err(ReplicaError::NotAPeer(config.id));
     }
-    let (log, sm) = dom_storage::open(&config.data_dir)
-        .map_err(|source| ReplicaError::Storage { dir: config.data_dir.clone(), source })?;
+    let (log, sm) =
+        dom_storage::open(&config.data_dir).map_err(|source| ReplicaError::Storage {
+            dir: config.data_dir.clone(),
+            source,
+        })?;
     let view = sm.view();
     let raft_config = openraft::Config {
         cluster_name: "dom".into(),
@@ -105,14 +139,22 @@ pub async fn run(config: ReplicaConfig, shutdown: impl Future<Output = ()> + Sen
         .await
         .map_err(|e| ReplicaError::Raft(e.to_string()))?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ReplicaError::Listen { addr: config.listen, source })?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ReplicaError::Listen {
+                addr: config.listen,
+                source,
+            })?;
     tracing::info!(id = config.id, listen = %config.listen, data_dir = %config.data_dir.display(), "replica started");
 
     tokio::spawn(bootstrap(raft.clone(), config.clone()));
 
-    let admin = AdminService { id: config.id, raft: raft.clone(), view };
+    let admin = AdminService {
+        id: config.id,
+        raft: raft.clone(),
+        view,
+    };
     const MAX_MESSAGE: usize = 64 << 20;
     let server = tonic::transport::Server::builder()
         .add_service(
@@ -122,7 +164,9 @@ pub async fn run(config: ReplicaConfig, shutdown: impl Future<Output = ()> + Sen
         )
         .add_service(AdminServer::new(admin));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let served = server.serve_with_incoming_shutdown(incoming, shutdown).await;
+    let served = server
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
     tracing::info!("shutting down");
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft did not stop cleanly: {e}");
@@ -156,8 +200,11 @@ async fn bootstrap(raft: Raft, config: ReplicaConfig) {
             Some(false) | None => {}
         }
     }
-    let members: BTreeMap<NodeId, BasicNode> =
-        config.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect();
+    let members: BTreeMap<NodeId, BasicNode> = config
+        .peers
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+        .collect();
     match raft.initialize(members).await {
         Ok(()) => tracing::info!(members = ?config.peers, "initialized the cluster membership"),
         Err(e) => tracing::info!("not initializing: {e}"),
@@ -168,7 +215,10 @@ async fn ask_initialized(addr: &str) -> Option<bool> {
     let channel = crate::network::channel(addr).ok()?;
     let mut request = tonic::Request::new(dom_proto::v1::ReplicaStatusRequest {});
     request.set_timeout(Duration::from_millis(500));
-    let status = dom_proto::v1::admin_client::AdminClient::new(channel).replica_status(request).await.ok()?;
+    let status = dom_proto::v1::admin_client::AdminClient::new(channel)
+        .replica_status(request)
+        .await
+        .ok()?;
     Some(!status.into_inner().members.is_empty())
 }
 

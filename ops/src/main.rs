@@ -1,1 +1,120 @@
-fn main() {}
+//! domadm: the operators' command line for a dom cluster.
+
+mod client;
+mod cluster;
+mod image;
+mod machine;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use client::Cluster;
+use output::Format;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "domadm",
+    version,
+    about = "Operate a dom cluster: machines, images, the fleet log"
+)]
+pub struct Cli {
+    /// Controller replicas to try, comma-separated; leader hints are followed.
+    #[arg(
+        long,
+        env = "DOM_ENDPOINTS",
+        default_value = "127.0.0.1:6970",
+        global = true,
+        value_name = "HOST:PORT,..."
+    )]
+    endpoints: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    output: Format,
+    /// Who is making the change, recorded in the log (default: $USER).
+    #[arg(long, global = true)]
+    actor: Option<String>,
+    /// Why the change is made, recorded in the log.
+    #[arg(long, global = true, default_value = "")]
+    reason: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The controller replicas and their Raft state.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Machines in the fleet and their assignments.
+    #[command(subcommand)]
+    Machine(machine::MachineCommand),
+    /// Images known to the cluster.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+}
+
+/// What every command gets: the cluster connection and the global flags.
+pub struct Context {
+    pub cluster: Cluster,
+    pub output: Format,
+    actor: Option<String>,
+    pub reason: String,
+}
+
+impl Context {
+    pub fn actor(&self) -> anyhow::Result<String> {
+        self.actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .or_else(|| std::env::var("LOGNAME").ok())
+            .filter(|a| !a.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("no actor: pass --actor NAME or set $USER or $LOGNAME"))
+    }
+}
+
+impl Cli {
+    async fn run(self) -> anyhow::Result<()> {
+        let cluster = Cluster::new(&self.endpoints).map_err(anyhow::Error::msg)?;
+        let mut ctx = Context {
+            cluster,
+            output: self.output,
+            actor: self.actor,
+            reason: self.reason,
+        };
+        match self.command {
+            Command::Cluster(cmd) => cmd.run(&mut ctx).await,
+            Command::Machine(cmd) => cmd.run(&mut ctx).await,
+            Command::Image(cmd) => cmd.run(&mut ctx).await,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("domadm: error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli.run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("domadm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `domadm machine ...`
+
+use std::collections::BTreeMap;
+
+use clap::Subcommand;
+use dom_proto::v1 as pb;
+use dom_storage::event::{Change, Event};
+use dom_storage::names;
+use serde::Serialize;
+
+use crate::output::{self, dash};
+use crate::Context;
+
+#[derive(Subcommand, Debug)]
+pub enum MachineCommand {
+    /// Add a machine to the fleet.
+    #[command(
+        after_help = "Example:\n  domadm machine add web-01 --tag role=web --tag dc=dc1 --required web/2026.11.01 \\\n      --reason 'new rack'"
+    )]
+    Add {
+        /// The machine's hostname (RFC 1123; stored lower-case).
+        host: String,
+        /// A label for selecting machines, KEY=VALUE; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// The image the machine must run.
+        #[arg(long, value_name = "IMAGE")]
+        required: Option<String>,
+        /// The image to preload for the next update.
+        #[arg(long, value_name = "IMAGE")]
+        planned: Option<String>,
+    },
+    /// Every machine with its required and planned images and tags.
+    #[command(after_help = "Example:\n  domadm machine list -o json")]
+    List,
+    /// One machine.
+    #[command(after_help = "Example:\n  domadm machine show web-01")]
+    Show { host: String },
+    /// Remove a machine from the fleet (its history stays in the log).
+    #[command(after_help = "Example:\n  domadm machine remove web-01 --reason 'decommissioned'")]
+    Remove { host: String },
+}
+
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    names::check_tag(key, value).map_err(|e| e.to_string())?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+#[derive(Serialize)]
+struct Machine {
+    hostname: String,
+    required_image: Option<String>,
+    planned_image: Option<String>,
+    tags: BTreeMap<String, String>,
+    added_at: u64,
+    changed_at: u64,
+}
+
+fn optional(text: String) -> Option<String> {
+    Some(text).filter(|t| !t.is_empty())
+}
+
+impl From<pb::Machine> for Machine {
+    fn from(m: pb::Machine) -> Self {
+        Machine {
+            hostname: m.hostname,
+            required_image: optional(m.required_image),
+            planned_image: optional(m.planned_image),
+            tags: m.tags,
+            added_at: m.added_at,
+            changed_at: m.changed_at,
+        }
+    }
+}
+
+fn tags_text(tags: &BTreeMap<String, String>) -> String {
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn rows(machines: &[Machine]) -> Vec<Vec<String>> {
+    machines
+        .iter()
+        .map(|m| {
+            vec![
+                m.hostname.clone(),
+                dash(m.required_image.as_deref().unwrap_or("")),
+                dash(m.planned_image.as_deref().unwrap_or("")),
+                dash(&tags_text(&m.tags)),
+            ]
+        })
+        .collect()
+}
+
+const HEADERS: [&str; 4] = ["HOSTNAME", "REQUIRED", "PLANNED", "TAGS"];
+
+#[derive(Serialize)]
+struct Committed {
+    journal_index: u64,
+    log_index: u64,
+    hash: String,
+    time: String,
+}
+
+/// Commits one change and reports where it landed in the log.
+pub async fn commit(ctx: &mut Context, change: Change, done: &str) -> anyhow::Result<()> {
+    let event = Event {
+        actor: ctx.actor()?,
+        time_unix_ms: 0,
+        reason: ctx.reason.clone(),
+        change,
+    };
+    let request = pb::AppendRequest {
+        event: Some(event.into()),
+    };
+    let reply = ctx
+        .cluster
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.append(request).await }
+        })
+        .await?;
+    let committed = Committed {
+        journal_index: reply.journal_index,
+        log_index: reply.log_index,
+        hash: crate::cluster::hex(&reply.journal_hash),
+        time: output::rfc3339(reply.time_unix_ms),
+    };
+    match ctx.output {
+        output::Format::Json => println!("{}", serde_json::to_string_pretty(&committed)?),
+        output::Format::Table => println!("{done} (journal #{})", committed.journal_index),
+    }
+    Ok(())
+}
+
+impl MachineCommand {
+    pub async fn run(self, ctx: &mut Context) -> anyhow::Result<()> {
+        match self {
+            MachineCommand::Add {
+                host,
+                tags,
+                required,
+                planned,
+            } => {
+                let hostname = names::canonical_hostname(&host)?;
+                let canonical =
+                    |i: Option<String>| i.map(|i| names::canonical_image_name(&i)).transpose();
+                let change = Change::MachineAdded {
+                    hostname: hostname.clone(),
+                    tags: tags.into_iter().collect(),
+                    required_image: canonical(required)?,
+                    planned_image: canonical(planned)?,
+                };
+                commit(ctx, change, &format!("machine {hostname} added")).await
+            }
+            MachineCommand::Remove { host } => {
+                let hostname = names::canonical_hostname(&host)?;
+                commit(
+                    ctx,
+                    Change::MachineRemoved {
+                        hostname: hostname.clone(),
+                    },
+                    &format!("machine {hostname} removed"),
+                )
+                .await
+            }
+            MachineCommand::List => {
+                let reply = ctx
+                    .cluster
+                    .call(|mut c| async move { c.list_machines(pb::ListMachinesRequest {}).await })
+                    .await?;
+                let machines: Vec<Machine> =
+                    reply.machines.into_iter().map(Machine::from).collect();
+                output::print(ctx.output, &machines, &HEADERS, rows(&machines))
+            }
+            MachineCommand::Show { host } => {
+                let hostname = names::canonical_hostname(&host)?;
+                let request = pb::GetMachineRequest { hostname };
+                let machine: Machine = ctx
+                    .cluster
+                    .call(|mut c| {
+                        let request = request.clone();
+                        async move { c.get_machine(request).await }
+                    })
+                    .await?
+                    .into();
+                let mut rows = rows(std::slice::from_ref(&machine));
+                rows[0].push(machine.added_at.to_string());
+                rows[0].push(machine.changed_at.to_string());
+                let mut headers = HEADERS.to_vec();
+                headers.extend(["ADDED AT", "CHANGED AT"]);
+                output::print(ctx.output, &machine, &headers, rows)
+            }
+        }
+    }
+}
