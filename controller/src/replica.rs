@@ -192,12 +192,9 @@ async fn bootstrap(raft: Raft, config: ReplicaConfig) {
         }
     }
     for (id, addr) in config.peers.iter().filter(|(id, _)| **id != config.id) {
-        match ask_initialized(addr).await {
-            Some(true) => {
-                tracing::info!(peer = id, "peer already belongs to a cluster; waiting to be caught up instead of initializing");
-                return;
-            }
-            Some(false) | None => {}
+        if ask_initialized(addr).await == Some(true) {
+            tracing::info!(peer = id, "peer already belongs to a cluster; waiting to be caught up instead of initializing");
+            return;
         }
     }
     let members: BTreeMap<NodeId, BasicNode> = config
