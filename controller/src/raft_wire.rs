@@ -352,9 +352,13 @@ mod tests {
             AppendEntriesResponse::Conflict,
             AppendEntriesResponse::HigherVote(Vote::new(4, 1)),
         ] {
+            let expected = format!("{resp:?}");
             assert_eq!(
-                append_response_from_pb(append_response_to_pb(resp.clone())).unwrap(),
-                resp
+                format!(
+                    "{:?}",
+                    append_response_from_pb(append_response_to_pb(resp)).unwrap()
+                ),
+                expected
             );
         }
     }
