@@ -279,6 +279,8 @@ impl pb::admin_server::Admin for AdminService {
                     term: s.term,
                     journal_index: s.journal_index,
                     journal_hash: s.journal_hash,
+                    snapshot_index: s.snapshot_index,
+                    purged_index: s.purged_index,
                 },
                 Err(_) => pb::MemberStatus {
                     id: member.id,

@@ -26,6 +26,8 @@ struct Member {
     applied_index: u64,
     journal_index: u64,
     journal_hash: String,
+    snapshot_index: u64,
+    purged_index: u64,
 }
 
 #[derive(Serialize)]
@@ -58,6 +60,8 @@ impl ClusterCommand {
                             applied_index: m.applied_index,
                             journal_index: m.journal_index,
                             journal_hash: hex(&m.journal_hash),
+                            snapshot_index: m.snapshot_index,
+                            purged_index: m.purged_index,
                         })
                         .collect(),
                 };

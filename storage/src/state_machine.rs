@@ -438,6 +438,12 @@ impl Shared {
         drop(live);
         self.set_current_snapshot(meta, &path)?;
         remove_partial_receives(&self.snapshot_dir);
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            last_log_index = header.last_applied.map(|l| l.index).unwrap_or(0),
+            journal_index = head.index,
+            "installed snapshot"
+        );
         Ok(())
     }
 }

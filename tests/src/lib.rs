@@ -1,1 +1,269 @@
+//! A harness for end-to-end tests: real `domd` processes on loopback, each on its own sled
+//! dir, driven by the real `domadm` binary.
 
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Path of a binary built from this workspace (cargo builds them before running tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Replica {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: TempDir,
+    pub replicas: BTreeMap<u64, Replica>,
+    peers: String,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` replicas on fresh data dirs, with extra `domd` flags.
+    pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
+        let dir = TempDir::new().expect("temp dir");
+        let replicas: BTreeMap<u64, Replica> = (1..=n)
+            .map(|id| {
+                let replica = Replica {
+                    id,
+                    addr: format!("127.0.0.1:{}", free_port()),
+                    data_dir: dir.path().join(format!("replica-{id}")),
+                    log: dir.path().join(format!("replica-{id}.log")),
+                    child: None,
+                };
+                (id, replica)
+            })
+            .collect();
+        let peers = replicas
+            .values()
+            .map(|r| format!("{}={}", r.id, r.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            replicas,
+            peers,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=n {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    pub fn domd_command(&self, id: u64) -> Command {
+        let replica = &self.replicas[&id];
+        let mut command = Command::new(bin("domd"));
+        command
+            .args([
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &replica.addr,
+                "--peers",
+                &self.peers,
+                "--data-dir",
+            ])
+            .arg(&replica.data_dir)
+            .args(["--heartbeat-ms", "50", "--election-timeout-ms", "500"])
+            .args(&self.extra_args);
+        command
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.replicas[&id].log)
+            .expect("log file");
+        let child = self
+            .domd_command(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn domd");
+        self.replicas.get_mut(&id).expect("replica").child = Some(child);
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.replicas.get_mut(&id).and_then(|r| r.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(mut child) = self.replicas.get_mut(&id).and_then(|r| r.child.take()) {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().expect("wait domd");
+            assert!(
+                status.success(),
+                "domd {id} exited with {status} on SIGTERM; log:\n{}",
+                self.log(id)
+            );
+        }
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.replicas[&id].log).unwrap_or_default()
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.replicas
+            .values()
+            .map(|r| r.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs domadm against every replica's address.
+    pub fn domadm(&self, args: &[&str]) -> Output {
+        Command::new(bin("domadm"))
+            .args(["--endpoints", &self.endpoints(), "--actor", "tester"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run domadm")
+    }
+
+    /// Runs domadm, requires success, and parses its JSON output.
+    pub fn domadm_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.domadm(&all);
+        assert!(
+            out.status.success(),
+            "domadm {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("domadm JSON")
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let out = self.domadm(&["cluster", "status", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// The current leader's id, waiting for one to be elected that is not `not`.
+    pub fn wait_leader(&self, not: Option<u64>) -> u64 {
+        wait_for("a leader", Duration::from_secs(20), || {
+            let leader = self.status()?.get("leader")?.as_u64()?;
+            (Some(leader) != not).then_some(leader)
+        })
+    }
+
+    /// Waits until every running replica reports the same applied index and journal head, and
+    /// returns that journal head hash.
+    pub fn wait_converged(&self) -> String {
+        wait_for("replicas to converge", Duration::from_secs(30), || {
+            let status = self.status()?;
+            let members = status.get("members")?.as_array()?.clone();
+            let running: Vec<&Value> = members
+                .iter()
+                .filter(|m| {
+                    self.replicas[&m["id"].as_u64().unwrap_or(0)]
+                        .child
+                        .is_some()
+                })
+                .collect();
+            let first = running.first()?;
+            let same = running.iter().all(|m| {
+                m["role"] != "unreachable"
+                    && m["applied_index"] == first["applied_index"]
+                    && m["journal_hash"] == first["journal_hash"]
+            });
+            same.then(|| {
+                first["journal_hash"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+        })
+    }
+
+    pub fn member(&self, id: u64) -> Value {
+        let status = self.status().expect("cluster status");
+        status["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["id"] == id).cloned())
+            .expect("member")
+    }
+
+    pub fn add_machines(&self, names: impl IntoIterator<Item = String>) {
+        for name in names {
+            let out = self.domadm(&["machine", "add", &name, "--reason", "test"]);
+            assert!(
+                out.status.success(),
+                "machine add {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    pub fn machine_names(&self) -> Vec<String> {
+        let list = self.domadm_json(&["machine", "list"]);
+        list.as_array()
+            .expect("machine list is an array")
+            .iter()
+            .map(|m| m["hostname"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.replicas.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
