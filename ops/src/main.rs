@@ -2,6 +2,7 @@
 
 mod client;
 mod cluster;
+mod demo;
 mod image;
 mod machine;
 mod output;
@@ -34,7 +35,7 @@ pub struct Cli {
     output: Format,
     /// Who is making the change, recorded in the log (default: $USER).
     #[arg(long, global = true)]
-    actor: Option<String>,
+    pub actor: Option<String>,
     /// Why the change is made, recorded in the log.
     #[arg(long, global = true, default_value = "")]
     reason: String,
@@ -53,13 +54,15 @@ enum Command {
     /// Images known to the cluster.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Start a local three-replica cluster on loopback and show it working.
+    Demo(demo::Demo),
 }
 
 /// What every command gets: the cluster connection and the global flags.
 pub struct Context {
     pub cluster: Cluster,
     pub output: Format,
-    actor: Option<String>,
+    pub actor: Option<String>,
     pub reason: String,
 }
 
@@ -76,17 +79,27 @@ impl Context {
 
 impl Cli {
     async fn run(self) -> anyhow::Result<()> {
-        let cluster = Cluster::new(&self.endpoints).map_err(anyhow::Error::msg)?;
-        let mut ctx = Context {
-            cluster,
-            output: self.output,
-            actor: self.actor,
-            reason: self.reason,
+        let Cli {
+            endpoints,
+            output,
+            actor,
+            reason,
+            command,
+        } = self;
+        let context = || -> anyhow::Result<Context> {
+            let cluster = Cluster::new(&endpoints).map_err(anyhow::Error::msg)?;
+            Ok(Context {
+                cluster,
+                output,
+                actor: actor.clone(),
+                reason: reason.clone(),
+            })
         };
-        match self.command {
-            Command::Cluster(cmd) => cmd.run(&mut ctx).await,
-            Command::Machine(cmd) => cmd.run(&mut ctx).await,
-            Command::Image(cmd) => cmd.run(&mut ctx).await,
+        match command {
+            Command::Cluster(cmd) => cmd.run(&mut context()?).await,
+            Command::Machine(cmd) => cmd.run(&mut context()?).await,
+            Command::Image(cmd) => cmd.run(&mut context()?).await,
+            Command::Demo(demo) => demo.run(actor).await,
         }
     }
 }
