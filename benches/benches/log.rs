@@ -76,7 +76,7 @@ fn fold(c: &mut Criterion) {
             encoded
                 .iter()
                 .map(|e| Event::decode(e).expect("decode"))
-                .count()
+                .collect::<Vec<_>>()
         })
     });
     group.bench_function("decode_and_apply", |b| {
