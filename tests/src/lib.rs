@@ -5,22 +5,33 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// Path of a binary built from this workspace (cargo builds them before running tests).
+/// Path of a binary of this workspace, built on first use.
+///
+/// `cargo test` builds binaries only for its own package's tests, and `domd` and `domadm`
+/// live in other packages, so the harness asks cargo to build them (a no-op when fresh).
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bins", "-p", "dom-controller", "-p", "dom-ops"]);
+        if dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building domd and domadm failed");
+    });
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        path.display()
-    );
+    assert!(path.exists(), "{} was not built", path.display());
     path
 }
 
