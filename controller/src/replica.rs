@@ -54,22 +54,22 @@ impl ReplicaConfig {
 pub enum ReplicaError {
     #[error("--peers does not name this replica's id {0}")]
     NotAPeer(NodeId),
-    #[error("storage in {dir}: {source}")]
+    #[error("storage in {dir}: {error}")]
     Storage {
         dir: PathBuf,
-        source: dom_storage::StoreError,
+        error: dom_storage::StoreError,
     },
     #[error("raft configuration: {0}")]
     Config(String),
     #[error("raft: {0}")]
     Raft(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("gRPC server: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(tonic::transport::Error),
 }
 
 /// Parses `1=HOST:PORT,2=HOST:PORT,...`.
@@ -117,12 +117,19 @@ pub async fn run(
     if !config.peers.contains_key(&config.id) {
         return Err(ReplicaError::NotAPeer(config.id));
     }
-    let (log, sm) =
-        dom_storage::open(&config.data_dir).map_err(|source| ReplicaError::Storage {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
+    let (log, sm) = dom_storage::open(&config.data_dir).map_err(|error| ReplicaError::Storage {
+        dir: config.data_dir.clone(),
+        error,
+    })?;
     let view = sm.view();
+    // Bind before Raft starts, so a busy port fails the start before this replica votes.
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| ReplicaError::Listen {
+                addr: config.listen,
+                error,
+            })?;
     let raft_config = openraft::Config {
         cluster_name: "dom".into(),
         heartbeat_interval: config.heartbeat_ms,
@@ -139,13 +146,6 @@ pub async fn run(
         .await
         .map_err(|e| ReplicaError::Raft(e.to_string()))?;
 
-    let listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ReplicaError::Listen {
-                addr: config.listen,
-                source,
-            })?;
     tracing::info!(id = config.id, listen = %config.listen, data_dir = %config.data_dir.display(), "replica started");
 
     tokio::spawn(bootstrap(raft.clone(), config.clone()));
@@ -171,7 +171,7 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft did not stop cleanly: {e}");
     }
-    served?;
+    served.map_err(ReplicaError::Serve)?;
     Ok(())
 }
 

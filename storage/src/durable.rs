@@ -19,10 +19,12 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("data dir {0} is in use by another process (is another domd running on it?)")]
     Locked(PathBuf),
+    // Errors carry their cause in the message rather than as a `source`, so the one line a
+    // binary prints does not repeat it.
     #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
-    #[error("I/O on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Sled(sled::Error),
+    #[error("I/O on {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("corrupt record {what}: {detail}")]
     Corrupt { what: String, detail: String },
     #[error("data dir was written by an incompatible format version {found} (this build reads {expected})")]
@@ -31,10 +33,16 @@ pub enum StoreError {
     Snapshot(String),
 }
 
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Sled(e)
+    }
+}
+
 impl StoreError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
         let path = path.into();
-        move |source| StoreError::Io { path, source }
+        move |error| StoreError::Io { path, error }
     }
 
     pub(crate) fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> StoreError {

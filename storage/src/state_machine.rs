@@ -289,7 +289,7 @@ impl Shared {
         let file = writer.finish().map_err(StoreError::io(&tmp))?;
         let file = file.into_inner().map_err(|e| StoreError::Io {
             path: tmp.clone(),
-            source: e.into_error(),
+            error: e.into_error(),
         })?;
         file.sync_all().map_err(StoreError::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
@@ -400,7 +400,7 @@ impl Shared {
         let Tee { copy, .. } = reader.into_inner();
         let copy = copy.into_inner().map_err(|e| StoreError::Io {
             path: tmp.clone(),
-            source: e.into_error(),
+            error: e.into_error(),
         })?;
         copy.sync_all().map_err(StoreError::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
@@ -552,7 +552,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|e| sm_read(StoreError::Io { path, source: e }))?;
+            .map_err(|e| sm_read(StoreError::Io { path, error: e }))?;
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(file),
