@@ -143,6 +143,7 @@ impl AdminService {
             journal_hash: journal.hash.to_vec(),
             snapshot_index: metrics.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: metrics.purged.map(|l| l.index).unwrap_or(0),
+            storage_bytes: self.view.size_on_disk(),
         }
     }
 }
@@ -281,6 +282,7 @@ impl pb::admin_server::Admin for AdminService {
                     journal_hash: s.journal_hash,
                     snapshot_index: s.snapshot_index,
                     purged_index: s.purged_index,
+                    storage_bytes: s.storage_bytes,
                 },
                 Err(_) => pb::MemberStatus {
                     id: member.id,

@@ -28,6 +28,7 @@ struct Member {
     journal_hash: String,
     snapshot_index: u64,
     purged_index: u64,
+    storage_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -62,6 +63,7 @@ impl ClusterCommand {
                             journal_hash: hex(&m.journal_hash),
                             snapshot_index: m.snapshot_index,
                             purged_index: m.purged_index,
+                            storage_bytes: m.storage_bytes,
                         })
                         .collect(),
                 };
