@@ -163,7 +163,8 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(AdminServer::new(admin));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small Raft messages and replies must not wait for Nagle's algorithm.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = server
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

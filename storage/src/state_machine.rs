@@ -342,6 +342,7 @@ impl Shared {
         }
         let local_head = self.live().journal;
         let mut state_batch = sled::Batch::default();
+        let mut snapshot_keys = std::collections::HashSet::new();
         let mut machines = Vec::new();
         let mut images = Vec::new();
         let mut policy = Policy::default();
@@ -368,6 +369,7 @@ impl Shared {
                             )))
                         }
                     }
+                    snapshot_keys.insert(key.clone());
                     state_batch.insert(key, value);
                 }
                 Frame::Journal(index, value) => {
@@ -410,7 +412,7 @@ impl Shared {
         for prefix in [StateKey::MACHINE, StateKey::IMAGE] {
             for item in self.tree.scan_prefix([prefix]) {
                 let (key, _) = item?;
-                if !state_batch_contains(&machines, &images, &key) {
+                if !snapshot_keys.contains(key.as_ref()) {
                     state_batch.remove(key);
                 }
             }
@@ -445,15 +447,6 @@ impl Shared {
             "installed snapshot"
         );
         Ok(())
-    }
-}
-
-fn state_batch_contains(machines: &[Machine], images: &[Image], key: &[u8]) -> bool {
-    let name = String::from_utf8_lossy(&key[1..]);
-    match key[0] {
-        StateKey::MACHINE => machines.iter().any(|m| m.hostname == name),
-        StateKey::IMAGE => images.iter().any(|i| i.name == name),
-        _ => false,
     }
 }
 
@@ -597,19 +590,18 @@ impl FleetView {
         from: u64,
         to: u64,
     ) -> impl Iterator<Item = Result<(u64, JournalRecord), StoreError>> + '_ {
-        let to = to.min(self.journal_head().index);
-        let range = StateKey::Journal(from.max(1)).encode()..=StateKey::Journal(to).encode();
-        let empty = from.max(1) > to;
-        self.shared
-            .tree
-            .range(range)
-            .filter(move |_| !empty)
-            .map(|item| {
-                let (key, value) = item?;
-                let index = StateKey::journal_index(&key)
-                    .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
-                Ok((index, decode("journal record", &value)?))
-            })
+        let start = from.max(1);
+        let end = to
+            .min(self.journal_head().index)
+            .saturating_add(1)
+            .max(start);
+        let range = StateKey::Journal(start).encode()..StateKey::Journal(end).encode();
+        self.shared.tree.range(range).map(|item| {
+            let (key, value) = item?;
+            let index = StateKey::journal_index(&key)
+                .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
+            Ok((index, decode("journal record", &value)?))
+        })
     }
 
     pub fn size_on_disk(&self) -> u64 {
