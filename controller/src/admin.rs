@@ -84,6 +84,15 @@ pub fn image_to_pb(i: &fleet::Image) -> pb::Image {
         bytes: i.bytes,
         created_at_unix_ms: i.created_at_unix_ms,
         deleted: i.deleted_at.is_some(),
+        manifest_hash: i.manifest_hash.map(|h| h.to_vec()).unwrap_or_default(),
+        filter: i.filter.clone(),
+        triggers: i
+            .triggers
+            .iter()
+            .cloned()
+            .map(dom_storage::event::trigger_to_pb)
+            .collect(),
+        added_at: i.added_at,
     }
 }
 

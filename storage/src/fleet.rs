@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::event::{Change, Event, Hash};
+use crate::image::{Filter, Trigger};
 use crate::names::{self, NameError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +34,10 @@ pub struct Image {
     pub root_hash: Hash,
     pub files: u64,
     pub bytes: u64,
+    /// The manifest object (absent only for images from before manifests existed).
+    pub manifest_hash: Option<Hash>,
+    pub filter: Vec<String>,
+    pub triggers: Vec<Trigger>,
     pub created_at_unix_ms: i64,
     pub added_at: u64,
     /// Set once the image is deleted; the name stays taken for ever.
@@ -92,6 +97,8 @@ pub enum Rejection {
     DuplicateMachine(String),
     #[error("updates are not halted")]
     NotHalted,
+    #[error("invalid image: {0}")]
+    BadImage(String),
 }
 
 impl Rejection {
@@ -279,8 +286,20 @@ impl FleetState {
     /// Whether `change` would apply to the current state; changes nothing.
     pub fn check(&self, change: &Change) -> Result<(), Rejection> {
         match change {
-            Change::ImageAdded { name, .. } => {
+            Change::ImageAdded {
+                name,
+                filter,
+                triggers,
+                ..
+            } => {
                 canonical_image(name)?;
+                Filter::new(filter.clone()).map_err(|e| Rejection::BadImage(e.to_string()))?;
+                if let Some(t) = triggers.iter().find(|t| t.service.trim().is_empty()) {
+                    return Err(Rejection::BadImage(format!(
+                        "a trigger for {:?} names no service",
+                        t.match_lines
+                    )));
+                }
                 match self.images.get(name) {
                     Some(image) if image.deleted_at.is_some() => {
                         Err(Rejection::ImageNameRetired(name.clone()))
@@ -344,6 +363,9 @@ impl FleetState {
                 root_hash,
                 files,
                 bytes,
+                manifest_hash,
+                filter,
+                triggers,
             } => {
                 self.images.insert(
                     name.clone(),
@@ -352,6 +374,9 @@ impl FleetState {
                         root_hash: *root_hash,
                         files: *files,
                         bytes: *bytes,
+                        manifest_hash: *manifest_hash,
+                        filter: filter.clone(),
+                        triggers: triggers.clone(),
                         created_at_unix_ms: event.time_unix_ms,
                         added_at: index,
                         deleted_at: None,
@@ -448,6 +473,9 @@ mod tests {
             root_hash: [1; 32],
             files: 3,
             bytes: 30,
+            manifest_hash: Some([2; 32]),
+            filter: vec![],
+            triggers: vec![],
         }
     }
 

@@ -14,6 +14,7 @@
 pub mod durable;
 pub mod event;
 pub mod fleet;
+pub mod image;
 pub mod journal;
 pub mod keys;
 pub mod log_store;

@@ -25,7 +25,9 @@ use crate::types::{
     Applied, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-const FORMAT: u32 = 1;
+/// Version of the fleet records' encoding. The journal's encoding never changes, so records of
+/// an older version are rebuilt by folding the journal ([`rebuild_records`]).
+const FORMAT: u32 = 2;
 
 /// What the state machine has applied, as one consistent view.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +132,36 @@ fn load(tree: &sled::Tree) -> Result<Live, StoreError> {
     })
 }
 
+/// Replaces the fleet records with the fold of the journal, in one batch.
+fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
+    let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
+    let mut state = FleetState::default();
+    let range =
+        StateKey::Journal(1).encode()..StateKey::Journal(head.index.saturating_add(1)).encode();
+    for item in tree.range(range) {
+        let (key, value) = item?;
+        let index = StateKey::journal_index(&key)
+            .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
+        let record: JournalRecord = decode("journal record", &value)?;
+        let event = Event::decode(&record.event)
+            .map_err(|e| StoreError::corrupt(format!("journal record {index}"), e))?;
+        state
+            .apply(index, &event)
+            .map_err(|e| StoreError::corrupt(format!("journal record {index}"), e))?;
+    }
+    let mut batch = sled::Batch::default();
+    for prefix in [StateKey::MACHINE, StateKey::IMAGE] {
+        for item in tree.scan_prefix([prefix]) {
+            batch.remove(item?.0);
+        }
+    }
+    for (key, value) in all_records(&state) {
+        batch.insert(key, value);
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
 fn snapshot_file(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.snap"))
 }
@@ -148,6 +180,16 @@ impl StateMachineStore {
         let tree = durable.db.open_tree("state")?;
         match get::<u32>(&tree, StateKey::Format)? {
             Some(FORMAT) => {}
+            Some(found) if found < FORMAT => {
+                tracing::info!(
+                    from = found,
+                    to = FORMAT,
+                    "rebuilding fleet records from the journal"
+                );
+                rebuild_records(&tree)?;
+                tree.insert(StateKey::Format.encode(), encode(&FORMAT))?;
+                durable.sync()?;
+            }
             Some(found) => {
                 return Err(StoreError::Format {
                     found,

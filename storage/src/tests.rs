@@ -251,3 +251,35 @@ fn apply_survives_arbitrary_bytes_and_mutated_events() {
         assert_eq!(journaled as u64, head.index);
     });
 }
+
+#[test]
+fn records_of_an_older_format_are_rebuilt_from_the_journal() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let expected = {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(vec![
+                event_entry(1, machine("web-01")),
+                event_entry(2, machine("web-02")),
+            ])
+            .await
+            .unwrap();
+            sm.view().read(|l| l.state.clone())
+        };
+        {
+            // Make the records look old and wrong: only the journal is trusted.
+            let db = sled::open(dir.path().join("sled")).unwrap();
+            let tree = db.open_tree("state").unwrap();
+            tree.insert(
+                crate::keys::StateKey::Format.encode(),
+                crate::durable::encode(&1u32),
+            )
+            .unwrap();
+            tree.remove(crate::keys::StateKey::Machine("web-02".into()).encode())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (_log, sm) = crate::open(dir.path()).unwrap();
+        assert_eq!(sm.view().read(|l| l.state.clone()), expected);
+    });
+}
