@@ -17,6 +17,10 @@ use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
 use crate::network::channel;
+use crate::objects::{ensure_on_majority, load_manifest};
+use dom_storage::event::Change;
+use dom_storage::objects::{to_hex, ObjectStore};
+use std::collections::BTreeMap;
 
 /// gRPC metadata key carrying the leader's address on a redirect.
 pub const LEADER_METADATA: &str = "dom-leader";
@@ -25,6 +29,7 @@ pub struct AdminService {
     pub id: NodeId,
     pub raft: Raft,
     pub view: FleetView,
+    pub objects: ObjectStore,
 }
 
 /// gRPC metadata key marking an UNAVAILABLE answer from a live replica (as opposed to a
@@ -129,6 +134,46 @@ impl AdminService {
         }
     }
 
+    fn voters(&self) -> BTreeMap<NodeId, String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
+            .collect()
+    }
+
+    /// An image is committed only if its manifest is well formed, matches the event's root
+    /// hash and counts, and it and every object it names are on a majority of replicas.
+    async fn check_image_objects(&self, change: &Change) -> Result<(), Status> {
+        let Change::ImageAdded { root_hash, files, bytes, manifest_hash, filter, .. } = change else {
+            return Ok(());
+        };
+        let manifest_hash = manifest_hash.ok_or_else(|| Status::invalid_argument("an image needs a manifest"))?;
+        let voters = self.voters();
+        let peers: BTreeMap<NodeId, String> = voters.iter().filter(|(id, _)| **id != self.id).map(|(i, a)| (*i, a.clone())).collect();
+        let manifest = load_manifest(&self.objects, &peers, &manifest_hash).await?;
+        let filter = dom_storage::image::Filter::new(filter.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let computed = manifest.root_hash_where(|path| !filter.excludes(path));
+        if &computed != root_hash {
+            return Err(Status::invalid_argument(format!(
+                "root hash {} does not match the manifest's {}",
+                to_hex(root_hash),
+                to_hex(&computed)
+            )));
+        }
+        if (manifest.files(), manifest.bytes()) != (*files, *bytes) {
+            return Err(Status::invalid_argument(format!(
+                "counts {files} files / {bytes} bytes do not match the manifest's {} / {}",
+                manifest.files(),
+                manifest.bytes()
+            )));
+        }
+        let mut hashes = manifest.object_hashes();
+        hashes.push(manifest_hash);
+        ensure_on_majority(&self.objects, self.id, &voters, &hashes).await
+    }
+
     pub fn replica_status(&self) -> pb::ReplicaStatus {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
@@ -204,6 +249,9 @@ impl pb::admin_server::Admin for AdminService {
         self.view
             .read(|live| live.state.check(&event.change))
             .map_err(rejection_status)?;
+        if let Change::ImageAdded { .. } = &event.change {
+            self.check_image_objects(&event.change).await?;
+        }
         event.time_unix_ms = now_unix_ms();
         let written = self
             .raft

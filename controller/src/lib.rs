@@ -10,5 +10,6 @@
 
 pub mod admin;
 pub mod network;
+pub mod objects;
 pub mod raft_wire;
 pub mod replica;

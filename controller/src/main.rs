@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, value_name = "ID=HOST:PORT,...")]
     peers: Option<String>,
     /// TOML file with any of: id, listen, data_dir, peers, snapshot_logs, heartbeat_ms,
-    /// election_timeout_ms. Flags override it.
+    /// election_timeout_ms, gc_interval_secs, gc_grace_secs. Flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Snapshot, and allow purging the Raft log behind it, every this many entries.
@@ -44,6 +44,12 @@ struct Args {
     /// Minimum election timeout in milliseconds (the maximum is twice this).
     #[arg(long, value_name = "MS")]
     election_timeout_ms: Option<u64>,
+    /// Seconds between looks for objects no live image references.
+    #[arg(long, value_name = "SECONDS")]
+    gc_interval_secs: Option<u64>,
+    /// Seconds an unreferenced object must have been unused before it is removed.
+    #[arg(long, value_name = "SECONDS")]
+    gc_grace_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -56,6 +62,8 @@ struct FileConfig {
     snapshot_logs: Option<u64>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms: Option<u64>,
+    gc_interval_secs: Option<u64>,
+    gc_grace_secs: Option<u64>,
 }
 
 fn config(args: Args) -> anyhow::Result<ReplicaConfig> {
@@ -90,6 +98,12 @@ fn config(args: Args) -> anyhow::Result<ReplicaConfig> {
     }
     if let Some(ms) = args.election_timeout_ms.or(file.election_timeout_ms) {
         config.election_timeout_ms = ms;
+    }
+    if let Some(secs) = args.gc_interval_secs.or(file.gc_interval_secs) {
+        config.gc_interval = std::time::Duration::from_secs(secs.max(1));
+    }
+    if let Some(secs) = args.gc_grace_secs.or(file.gc_grace_secs) {
+        config.gc_grace = std::time::Duration::from_secs(secs);
     }
     Ok(config)
 }

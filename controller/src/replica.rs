@@ -16,6 +16,9 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminService;
+use crate::objects::{Maintenance, ObjectsService};
+use dom_proto::v1::objects_server::ObjectsServer;
+use dom_storage::objects::ObjectStore;
 use crate::network::{Network, RaftService};
 
 #[derive(Debug, Clone)]
@@ -29,6 +32,10 @@ pub struct ReplicaConfig {
     pub snapshot_logs: u64,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    /// How often unreferenced objects are looked for, and how long one must have been unused
+    /// before it is removed (which also protects objects of uploads not yet committed).
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
 }
 
 impl ReplicaConfig {
@@ -46,6 +53,8 @@ impl ReplicaConfig {
             snapshot_logs: 10_000,
             heartbeat_ms: 100,
             election_timeout_ms: 1_000,
+            gc_interval: Duration::from_secs(600),
+            gc_grace: Duration::from_secs(3600),
         }
     }
 }
@@ -68,6 +77,8 @@ pub enum ReplicaError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("object store: {0}")]
+    Objects(dom_storage::objects::ObjectError),
     #[error("gRPC server: {0}")]
     Serve(tonic::transport::Error),
 }
@@ -122,6 +133,7 @@ pub async fn run(
         error,
     })?;
     let view = sm.view();
+    let objects = ObjectStore::open(&config.data_dir.join("objects")).map_err(ReplicaError::Objects)?;
     // Bind before Raft starts, so a busy port fails the start before this replica votes.
     let listener =
         TcpListener::bind(config.listen)
@@ -150,10 +162,20 @@ pub async fn run(
 
     tokio::spawn(bootstrap(raft.clone(), config.clone()));
 
+    let maintenance = Arc::new(Maintenance {
+        store: objects.clone(),
+        view: view.clone(),
+        self_id: config.id,
+        peers: config.peers.clone(),
+        gc_interval: config.gc_interval,
+        gc_grace: config.gc_grace,
+    });
+    let maintenance_task = tokio::spawn(maintenance.run());
     let admin = AdminService {
         id: config.id,
         raft: raft.clone(),
         view,
+        objects: objects.clone(),
     };
     const MAX_MESSAGE: usize = 64 << 20;
     let server = tonic::transport::Server::builder()
@@ -162,13 +184,19 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(AdminServer::new(admin));
+        .add_service(AdminServer::new(admin))
+        .add_service(
+            ObjectsServer::new(ObjectsService { store: objects })
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        );
     // Small Raft messages and replies must not wait for Nagle's algorithm.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = server
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     tracing::info!("shutting down");
+    maintenance_task.abort();
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft did not stop cleanly: {e}");
     }

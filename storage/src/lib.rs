@@ -19,6 +19,7 @@ pub mod journal;
 pub mod keys;
 pub mod log_store;
 pub mod names;
+pub mod objects;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
