@@ -146,14 +146,28 @@ impl AdminService {
     /// An image is committed only if its manifest is well formed, matches the event's root
     /// hash and counts, and it and every object it names are on a majority of replicas.
     async fn check_image_objects(&self, change: &Change) -> Result<(), Status> {
-        let Change::ImageAdded { root_hash, files, bytes, manifest_hash, filter, .. } = change else {
+        let Change::ImageAdded {
+            root_hash,
+            files,
+            bytes,
+            manifest_hash,
+            filter,
+            ..
+        } = change
+        else {
             return Ok(());
         };
-        let manifest_hash = manifest_hash.ok_or_else(|| Status::invalid_argument("an image needs a manifest"))?;
+        let manifest_hash =
+            manifest_hash.ok_or_else(|| Status::invalid_argument("an image needs a manifest"))?;
         let voters = self.voters();
-        let peers: BTreeMap<NodeId, String> = voters.iter().filter(|(id, _)| **id != self.id).map(|(i, a)| (*i, a.clone())).collect();
+        let peers: BTreeMap<NodeId, String> = voters
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(i, a)| (*i, a.clone()))
+            .collect();
         let manifest = load_manifest(&self.objects, &peers, &manifest_hash).await?;
-        let filter = dom_storage::image::Filter::new(filter.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let filter = dom_storage::image::Filter::new(filter.clone())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let computed = manifest.root_hash_where(|path| !filter.excludes(path));
         if &computed != root_hash {
             return Err(Status::invalid_argument(format!(

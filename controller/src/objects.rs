@@ -33,14 +33,20 @@ const PUBLISH_BATCH: usize = 2048;
 fn object_status(e: ObjectError) -> Status {
     match e {
         ObjectError::NotFound(_) => Status::not_found(e.to_string()),
-        ObjectError::HashMismatch { .. } | ObjectError::SizeMismatch { .. } => Status::data_loss(e.to_string()),
+        ObjectError::HashMismatch { .. } | ObjectError::SizeMismatch { .. } => {
+            Status::data_loss(e.to_string())
+        }
         ObjectError::Io { .. } => Status::internal(e.to_string()),
     }
 }
 
 fn hashes_from(list: Vec<Vec<u8>>) -> Result<Vec<Hash>, Status> {
     list.iter()
-        .map(|h| parse_hash(h).ok_or_else(|| Status::invalid_argument(format!("{} is not a 32-byte hash", hex_or(h)))))
+        .map(|h| {
+            parse_hash(h).ok_or_else(|| {
+                Status::invalid_argument(format!("{} is not a 32-byte hash", hex_or(h)))
+            })
+        })
         .collect()
 }
 
@@ -56,18 +62,28 @@ where
     let mut current: Option<dom_storage::objects::ObjectWriter> = None;
     let mut verified: Vec<Verified> = Vec::new();
     let mut response = pb::PutResponse::default();
-    let finish = |writer: dom_storage::objects::ObjectWriter| async move { writer.finish().await.map_err(object_status) };
+    let finish = |writer: dom_storage::objects::ObjectWriter| async move {
+        writer.finish().await.map_err(object_status)
+    };
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
         if !chunk.hash.is_empty() {
             if let Some(writer) = current.take() {
                 verified.push(finish(writer).await?);
             }
-            let hash = parse_hash(&chunk.hash).ok_or_else(|| Status::invalid_argument("object hash is not 32 bytes"))?;
-            current = Some(store.writer(hash, chunk.size).await.map_err(object_status)?);
+            let hash = parse_hash(&chunk.hash)
+                .ok_or_else(|| Status::invalid_argument("object hash is not 32 bytes"))?;
+            current = Some(
+                store
+                    .writer(hash, chunk.size)
+                    .await
+                    .map_err(object_status)?,
+            );
             response.objects += 1;
         }
-        let writer = current.as_mut().ok_or_else(|| Status::invalid_argument("object data before any object hash"))?;
+        let writer = current
+            .as_mut()
+            .ok_or_else(|| Status::invalid_argument("object data before any object hash"))?;
         writer.write(&chunk.data).await.map_err(object_status)?;
         response.bytes += chunk.data.len() as u64;
         if writer.remaining() == 0 {
@@ -95,7 +111,10 @@ async fn publish(store: &ObjectStore, verified: Vec<Verified>) -> Result<(), Sta
 }
 
 /// Chunks of one stored object, for a Get reply or a push to a peer.
-pub fn object_chunks(store: ObjectStore, hash: Hash) -> impl Stream<Item = Result<pb::ObjectChunk, Status>> {
+pub fn object_chunks(
+    store: ObjectStore,
+    hash: Hash,
+) -> impl Stream<Item = Result<pb::ObjectChunk, Status>> {
     async_stream::try_stream! {
         let (mut file, size) = store.open_read(&hash).await.map_err(object_status)?;
         let mut first = true;
@@ -126,40 +145,64 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ObjectChunk, Status>> + 
 
 #[tonic::async_trait]
 impl pb::objects_server::Objects for ObjectsService {
-    async fn missing(&self, request: Request<pb::MissingRequest>) -> Result<Response<pb::MissingResponse>, Status> {
+    async fn missing(
+        &self,
+        request: Request<pb::MissingRequest>,
+    ) -> Result<Response<pb::MissingResponse>, Status> {
         let hashes = hashes_from(request.into_inner().hashes)?;
         let store = self.store.clone();
         let missing = tokio::task::spawn_blocking(move || store.missing(&hashes))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::MissingResponse { missing: missing.iter().map(|h| h.to_vec()).collect() }))
+        Ok(Response::new(pb::MissingResponse {
+            missing: missing.iter().map(|h| h.to_vec()).collect(),
+        }))
     }
 
-    async fn put(&self, request: Request<Streaming<pb::ObjectChunk>>) -> Result<Response<pb::PutResponse>, Status> {
-        Ok(Response::new(store_stream(&self.store, request.into_inner()).await?))
+    async fn put(
+        &self,
+        request: Request<Streaming<pb::ObjectChunk>>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        Ok(Response::new(
+            store_stream(&self.store, request.into_inner()).await?,
+        ))
     }
 
     type GetStream = ChunkStream;
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
-        let hash = parse_hash(&request.into_inner().hash).ok_or_else(|| Status::invalid_argument("hash is not 32 bytes"))?;
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        let hash = parse_hash(&request.into_inner().hash)
+            .ok_or_else(|| Status::invalid_argument("hash is not 32 bytes"))?;
         if !self.store.contains(&hash) {
-            return Err(Status::not_found(format!("object {} is not stored here", to_hex(&hash))));
+            return Err(Status::not_found(format!(
+                "object {} is not stored here",
+                to_hex(&hash)
+            )));
         }
-        Ok(Response::new(Box::pin(object_chunks(self.store.clone(), hash))))
+        Ok(Response::new(Box::pin(object_chunks(
+            self.store.clone(),
+            hash,
+        ))))
     }
 }
 
 fn client(addr: &str) -> Result<ObjectsClient<Channel>, Status> {
     let channel = channel(addr).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(ObjectsClient::new(channel).max_decoding_message_size(4 * CHUNK).max_encoding_message_size(4 * CHUNK))
+    Ok(ObjectsClient::new(channel)
+        .max_decoding_message_size(4 * CHUNK)
+        .max_encoding_message_size(4 * CHUNK))
 }
 
 /// Asks `addr` which of `hashes` it lacks.
 async fn peer_missing(addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, Status> {
     let mut missing = Vec::new();
     for batch in hashes.chunks(10_000) {
-        let request = pb::MissingRequest { hashes: batch.iter().map(|h| h.to_vec()).collect() };
+        let request = pb::MissingRequest {
+            hashes: batch.iter().map(|h| h.to_vec()).collect(),
+        };
         let reply = client(addr)?.missing(request).await?.into_inner();
         missing.extend(hashes_from(reply.missing)?);
     }
@@ -181,7 +224,12 @@ async fn pull(store: &ObjectStore, addr: &str, hashes: &[Hash]) -> Result<usize,
     let mut got = 0;
     let mut peer = client(addr)?;
     for hash in hashes {
-        let stream = match peer.get(pb::GetRequest { hash: hash.to_vec() }).await {
+        let stream = match peer
+            .get(pb::GetRequest {
+                hash: hash.to_vec(),
+            })
+            .await
+        {
             Ok(reply) => reply.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => continue,
             Err(status) => return Err(status),
@@ -193,7 +241,11 @@ async fn pull(store: &ObjectStore, addr: &str, hashes: &[Hash]) -> Result<usize,
 }
 
 /// Fetches what the local store lacks of `hashes` from any peer that has it.
-pub async fn fill_from_peers(store: &ObjectStore, peers: &BTreeMap<NodeId, String>, hashes: &[Hash]) -> Vec<Hash> {
+pub async fn fill_from_peers(
+    store: &ObjectStore,
+    peers: &BTreeMap<NodeId, String>,
+    hashes: &[Hash],
+) -> Vec<Hash> {
     let mut missing = store.missing(hashes);
     for addr in peers.values() {
         if missing.is_empty() {
@@ -208,12 +260,22 @@ pub async fn fill_from_peers(store: &ObjectStore, peers: &BTreeMap<NodeId, Strin
 }
 
 /// The manifest of an image, read from the local store, fetched from peers if need be.
-pub async fn load_manifest(store: &ObjectStore, peers: &BTreeMap<NodeId, String>, hash: &Hash) -> Result<Manifest, Status> {
+pub async fn load_manifest(
+    store: &ObjectStore,
+    peers: &BTreeMap<NodeId, String>,
+    hash: &Hash,
+) -> Result<Manifest, Status> {
     if !store.contains(hash) && !fill_from_peers(store, peers, &[*hash]).await.is_empty() {
-        return Err(Status::failed_precondition(format!("manifest {} is on no reachable replica; upload it first", to_hex(hash))));
+        return Err(Status::failed_precondition(format!(
+            "manifest {} is on no reachable replica; upload it first",
+            to_hex(hash)
+        )));
     }
-    let bytes = tokio::fs::read(store.path(hash)).await.map_err(|e| Status::internal(e.to_string()))?;
-    Manifest::decode(&bytes).map_err(|e| Status::invalid_argument(format!("manifest {}: {e}", to_hex(hash))))
+    let bytes = tokio::fs::read(store.path(hash))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Manifest::decode(&bytes)
+        .map_err(|e| Status::invalid_argument(format!("manifest {}: {e}", to_hex(hash))))
 }
 
 /// Makes sure every object in `hashes` is stored on a majority of the `voters` (this replica
@@ -224,7 +286,11 @@ pub async fn ensure_on_majority(
     voters: &BTreeMap<NodeId, String>,
     hashes: &[Hash],
 ) -> Result<(), Status> {
-    let peers: BTreeMap<NodeId, String> = voters.iter().filter(|(id, _)| **id != self_id).map(|(i, a)| (*i, a.clone())).collect();
+    let peers: BTreeMap<NodeId, String> = voters
+        .iter()
+        .filter(|(id, _)| **id != self_id)
+        .map(|(i, a)| (*i, a.clone()))
+        .collect();
     let still_missing = fill_from_peers(store, &peers, hashes).await;
     if !still_missing.is_empty() {
         return Err(Status::failed_precondition(format!(
@@ -242,7 +308,10 @@ pub async fn ensure_on_majority(
         if left.is_empty() {
             Ok(())
         } else {
-            Err(Status::data_loss(format!("{} object(s) did not arrive", left.len())))
+            Err(Status::data_loss(format!(
+                "{} object(s) did not arrive",
+                left.len()
+            )))
         }
     });
     let results = futures::future::join_all(pushes).await;
@@ -250,7 +319,11 @@ pub async fn ensure_on_majority(
     if holders * 2 > voters.len() {
         Ok(())
     } else {
-        let reasons: Vec<String> = results.into_iter().filter_map(|r| r.err()).map(|s| s.message().to_owned()).collect();
+        let reasons: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err())
+            .map(|s| s.message().to_owned())
+            .collect();
         Err(Status::unavailable(format!(
             "image objects reached {holders} of {} replicas, not a majority: {}",
             voters.len(),
@@ -262,8 +335,13 @@ pub async fn ensure_on_majority(
 /// Every object of every live image, manifests included; `None` if a manifest is unreadable
 /// (then nothing may be collected).
 async fn referenced(store: &ObjectStore, view: &FleetView) -> Option<HashSet<Hash>> {
-    let manifests: Vec<Hash> =
-        view.read(|l| l.state.images().filter(|i| i.deleted_at.is_none()).filter_map(|i| i.manifest_hash).collect());
+    let manifests: Vec<Hash> = view.read(|l| {
+        l.state
+            .images()
+            .filter(|i| i.deleted_at.is_none())
+            .filter_map(|i| i.manifest_hash)
+            .collect()
+    });
     let mut all = HashSet::new();
     for hash in manifests {
         let bytes = tokio::fs::read(store.path(&hash)).await.ok()?;
@@ -304,10 +382,18 @@ impl Maintenance {
     /// Fetches the objects of live images this replica lacks.
     async fn refill(&self, complete: &mut HashSet<Hash>) {
         let manifests: Vec<(String, Hash)> = self.view.read(|l| {
-            l.state.images().filter(|i| i.deleted_at.is_none()).filter_map(|i| Some((i.name.clone(), i.manifest_hash?))).collect()
+            l.state
+                .images()
+                .filter(|i| i.deleted_at.is_none())
+                .filter_map(|i| Some((i.name.clone(), i.manifest_hash?)))
+                .collect()
         });
-        let peers: BTreeMap<NodeId, String> =
-            self.peers.iter().filter(|(id, _)| **id != self.self_id).map(|(i, a)| (*i, a.clone())).collect();
+        let peers: BTreeMap<NodeId, String> = self
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != self.self_id)
+            .map(|(i, a)| (*i, a.clone()))
+            .collect();
         for (name, hash) in manifests {
             if complete.contains(&hash) {
                 continue;
@@ -333,14 +419,21 @@ impl Maintenance {
 
     async fn collect_garbage(&self) {
         let Some(referenced) = referenced(&self.store, &self.view).await else {
-            tracing::warn!("skipping garbage collection: a live image's manifest is not readable here yet");
+            tracing::warn!(
+                "skipping garbage collection: a live image's manifest is not readable here yet"
+            );
             return;
         };
         let store = self.store.clone();
         let grace = self.gc_grace;
         match tokio::task::spawn_blocking(move || store.collect_garbage(&referenced, grace)).await {
             Ok(Ok(report)) if report.removed > 0 => {
-                tracing::info!(removed = report.removed, bytes = report.removed_bytes, kept = report.kept, "collected unreferenced objects")
+                tracing::info!(
+                    removed = report.removed,
+                    bytes = report.removed_bytes,
+                    kept = report.kept,
+                    "collected unreferenced objects"
+                )
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!("garbage collection failed: {e}"),

@@ -16,10 +16,10 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminService;
+use crate::network::{Network, RaftService};
 use crate::objects::{Maintenance, ObjectsService};
 use dom_proto::v1::objects_server::ObjectsServer;
 use dom_storage::objects::ObjectStore;
-use crate::network::{Network, RaftService};
 
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -133,7 +133,8 @@ pub async fn run(
         error,
     })?;
     let view = sm.view();
-    let objects = ObjectStore::open(&config.data_dir.join("objects")).map_err(ReplicaError::Objects)?;
+    let objects =
+        ObjectStore::open(&config.data_dir.join("objects")).map_err(ReplicaError::Objects)?;
     // Bind before Raft starts, so a busy port fails the start before this replica votes.
     let listener =
         TcpListener::bind(config.listen)

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use dom_proto::v1::admin_client::AdminClient;
+use dom_proto::v1::objects_client::ObjectsClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -61,11 +62,18 @@ impl Cluster {
         })
     }
 
+    /// The address that last answered (the leader, after a write), or the first endpoint.
+    pub fn preferred(&self) -> String {
+        self.leader
+            .clone()
+            .unwrap_or_else(|| self.endpoints[0].clone())
+    }
+
     /// Calls `rpc` on the leader (or any replica for calls every replica answers), following
     /// `dom-leader` hints. Refusals (bad input, unknown names) come back at once as errors.
     pub async fn call<T, F, Fut>(&mut self, rpc: F) -> Result<T, ClientError>
     where
-        F: Fn(AdminClient<Channel>) -> Fut,
+        F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
@@ -83,9 +91,7 @@ impl Cluster {
             while tried < candidates.len() {
                 let addr = candidates[tried].clone();
                 tried += 1;
-                let client = AdminClient::new(channel(&addr).map_err(ClientError::Refused)?)
-                    .max_decoding_message_size(256 << 20);
-                match rpc(client).await {
+                match rpc(channel(&addr).map_err(ClientError::Refused)?).await {
                     Ok(response) => {
                         self.leader = Some(addr);
                         return Ok(response.into_inner());
@@ -125,4 +131,19 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+pub fn admin(channel: Channel) -> AdminClient<Channel> {
+    AdminClient::new(channel).max_decoding_message_size(256 << 20)
+}
+
+pub fn objects(channel: Channel) -> ObjectsClient<Channel> {
+    ObjectsClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+/// A channel to one address, for calls that must go to a given replica.
+pub fn channel_to(addr: &str) -> Result<Channel, ClientError> {
+    channel(addr).map_err(ClientError::Refused)
 }

@@ -44,7 +44,11 @@ impl ClusterCommand {
             ClusterCommand::Status => {
                 let reply = ctx
                     .cluster
-                    .call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await })
+                    .call(|c| async move {
+                        crate::client::admin(c)
+                            .cluster_status(ClusterStatusRequest {})
+                            .await
+                    })
                     .await?;
                 let status = Status {
                     leader: Some(reply.leader).filter(|l| *l != 0),

@@ -135,7 +135,11 @@ async fn leader(cluster: &mut Cluster, not: Option<u64>) -> anyhow::Result<u64> 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(status) = cluster
-            .call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await })
+            .call(|c| async move {
+                crate::client::admin(c)
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+            })
             .await
         {
             if status.leader != 0 && Some(status.leader) != not {
@@ -153,7 +157,11 @@ async fn converged(cluster: &mut Cluster) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(status) = cluster
-            .call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await })
+            .call(|c| async move {
+                crate::client::admin(c)
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+            })
             .await
         {
             let first = status

@@ -120,9 +120,9 @@ pub async fn commit(ctx: &mut Context, change: Change, done: &str) -> anyhow::Re
     };
     let reply = ctx
         .cluster
-        .call(|mut c| {
+        .call(|c| {
             let request = request.clone();
-            async move { c.append(request).await }
+            async move { crate::client::admin(c).append(request).await }
         })
         .await?;
     let committed = Committed {
@@ -172,7 +172,11 @@ impl MachineCommand {
             MachineCommand::List => {
                 let reply = ctx
                     .cluster
-                    .call(|mut c| async move { c.list_machines(pb::ListMachinesRequest {}).await })
+                    .call(|c| async move {
+                        crate::client::admin(c)
+                            .list_machines(pb::ListMachinesRequest {})
+                            .await
+                    })
                     .await?;
                 let machines: Vec<Machine> =
                     reply.machines.into_iter().map(Machine::from).collect();
@@ -183,9 +187,9 @@ impl MachineCommand {
                 let request = pb::GetMachineRequest { hostname };
                 let machine: Machine = ctx
                     .cluster
-                    .call(|mut c| {
+                    .call(|c| {
                         let request = request.clone();
-                        async move { c.get_machine(request).await }
+                        async move { crate::client::admin(c).get_machine(request).await }
                     })
                     .await?
                     .into();

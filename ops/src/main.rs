@@ -4,6 +4,7 @@ mod client;
 mod cluster;
 mod demo;
 mod image;
+mod ingest;
 mod machine;
 mod output;
 

@@ -22,13 +22,23 @@ pub enum ObjectError {
     #[error("object {expected} arrived with content hashing to {got}")]
     HashMismatch { expected: String, got: String },
     #[error("object {hash} should be {expected} bytes, got {got}")]
-    SizeMismatch { hash: String, expected: u64, got: u64 },
+    SizeMismatch {
+        hash: String,
+        expected: u64,
+        got: u64,
+    },
     #[error("I/O on {path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ObjectError + '_ {
-    move |error| ObjectError::Io { path: path.to_owned(), error }
+    move |error| ObjectError::Io {
+        path: path.to_owned(),
+        error,
+    }
 }
 
 pub fn to_hex(hash: &Hash) -> String {
@@ -97,19 +107,24 @@ impl ObjectStore {
         let now = SystemTime::now();
         hashes
             .iter()
-            .filter(|hash| match std::fs::File::options().write(true).open(self.path(hash)) {
-                Ok(file) => {
-                    let _ = file.set_modified(now);
-                    false
-                }
-                Err(_) => true,
-            })
+            .filter(
+                |hash| match std::fs::File::options().write(true).open(self.path(hash)) {
+                    Ok(file) => {
+                        let _ = file.set_modified(now);
+                        false
+                    }
+                    Err(_) => true,
+                },
+            )
             .copied()
             .collect()
     }
 
     pub async fn writer(&self, hash: Hash, size: u64) -> Result<ObjectWriter, ObjectError> {
-        let tmp = self.root.join("tmp").join(format!("{}-{}", to_hex(&hash), rand_suffix()));
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}", to_hex(&hash), rand_suffix()));
         let file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
         Ok(ObjectWriter {
             file,
@@ -146,14 +161,19 @@ impl ObjectStore {
         // syncfs flushes every dirty page and inode of this file system in one call.
         let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
         if rc != 0 {
-            return Err(ObjectError::Io { path: self.root.clone(), error: std::io::Error::last_os_error() });
+            return Err(ObjectError::Io {
+                path: self.root.clone(),
+                error: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
 
     pub async fn open_read(&self, hash: &Hash) -> Result<(tokio::fs::File, u64), ObjectError> {
         let path = self.path(hash);
-        let file = tokio::fs::File::open(&path).await.map_err(|_| ObjectError::NotFound(to_hex(hash)))?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| ObjectError::NotFound(to_hex(hash)))?;
         let size = file.metadata().await.map_err(io(&path))?.len();
         Ok((file, size))
     }
@@ -161,12 +181,18 @@ impl ObjectStore {
     /// Every stored object's hash.
     pub fn list(&self) -> Result<Vec<Hash>, ObjectError> {
         let mut hashes = Vec::new();
-        for fan in std::fs::read_dir(&self.root).map_err(io(&self.root))?.flatten() {
+        for fan in std::fs::read_dir(&self.root)
+            .map_err(io(&self.root))?
+            .flatten()
+        {
             let fan_name = fan.file_name().to_string_lossy().into_owned();
             if fan_name.len() != 2 {
                 continue;
             }
-            for object in std::fs::read_dir(fan.path()).map_err(io(&fan.path()))?.flatten() {
+            for object in std::fs::read_dir(fan.path())
+                .map_err(io(&fan.path()))?
+                .flatten()
+            {
                 let name = format!("{fan_name}{}", object.file_name().to_string_lossy());
                 if let Some(hash) = hex::decode(&name).ok().and_then(|b| parse_hash(&b)) {
                     hashes.push(hash);
@@ -177,7 +203,11 @@ impl ObjectStore {
     }
 
     /// Removes objects not in `referenced` that have not been used for `grace`.
-    pub fn collect_garbage(&self, referenced: &HashSet<Hash>, grace: Duration) -> Result<GcReport, ObjectError> {
+    pub fn collect_garbage(
+        &self,
+        referenced: &HashSet<Hash>,
+        grace: Duration,
+    ) -> Result<GcReport, ObjectError> {
         let mut report = GcReport::default();
         let now = SystemTime::now();
         for hash in self.list()? {
@@ -186,8 +216,14 @@ impl ObjectStore {
                 continue;
             }
             let path = self.path(&hash);
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let idle = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
             if idle < grace {
                 report.spared += 1;
                 continue;
@@ -203,15 +239,25 @@ impl ObjectStore {
 fn rand_suffix() -> u64 {
     // Distinct names for concurrent uploads of one object; not security-relevant.
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    nanos ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).rotate_left(32)
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos
+        ^ COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .rotate_left(32)
 }
 
 impl ObjectWriter {
     pub async fn write(&mut self, data: &[u8]) -> Result<(), ObjectError> {
         self.written += data.len() as u64;
         if self.written > self.size {
-            return Err(ObjectError::SizeMismatch { hash: to_hex(&self.expected), expected: self.size, got: self.written });
+            return Err(ObjectError::SizeMismatch {
+                hash: to_hex(&self.expected),
+                expected: self.size,
+                got: self.written,
+            });
         }
         self.hasher.update(data);
         self.file.write_all(data).await.map_err(io(&self.tmp))
@@ -225,17 +271,27 @@ impl ObjectWriter {
     pub async fn finish(mut self) -> Result<Verified, ObjectError> {
         self.file.flush().await.map_err(io(&self.tmp))?;
         let result = if self.written != self.size {
-            Err(ObjectError::SizeMismatch { hash: to_hex(&self.expected), expected: self.size, got: self.written })
+            Err(ObjectError::SizeMismatch {
+                hash: to_hex(&self.expected),
+                expected: self.size,
+                got: self.written,
+            })
         } else {
             let got = *self.hasher.finalize().as_bytes();
             if got == self.expected {
                 Ok(())
             } else {
-                Err(ObjectError::HashMismatch { expected: to_hex(&self.expected), got: to_hex(&got) })
+                Err(ObjectError::HashMismatch {
+                    expected: to_hex(&self.expected),
+                    got: to_hex(&got),
+                })
             }
         };
         match result {
-            Ok(()) => Ok(Verified { tmp: self.tmp, dest: self.dest }),
+            Ok(()) => Ok(Verified {
+                tmp: self.tmp,
+                dest: self.dest,
+            }),
             Err(e) => {
                 let _ = tokio::fs::remove_file(&self.tmp).await;
                 Err(e)
@@ -267,19 +323,38 @@ mod tests {
         let store = ObjectStore::open(dir.path()).unwrap();
         put(&store, b"hello world").await.unwrap();
         assert!(store.contains(&hash(b"hello world")));
-        assert_eq!(std::fs::read(store.path(&hash(b"hello world"))).unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read(store.path(&hash(b"hello world"))).unwrap(),
+            b"hello world"
+        );
 
         let mut liar = store.writer(hash(b"expected"), 8).await.unwrap();
         liar.write(b"tampered").await.unwrap();
-        assert!(matches!(liar.finish().await, Err(ObjectError::HashMismatch { .. })));
+        assert!(matches!(
+            liar.finish().await,
+            Err(ObjectError::HashMismatch { .. })
+        ));
         assert!(!store.contains(&hash(b"expected")));
         let mut short = store.writer(hash(b"abc"), 3).await.unwrap();
         short.write(b"ab").await.unwrap();
-        assert!(matches!(short.finish().await, Err(ObjectError::SizeMismatch { .. })));
+        assert!(matches!(
+            short.finish().await,
+            Err(ObjectError::SizeMismatch { .. })
+        ));
         let mut long = store.writer(hash(b"abc"), 3).await.unwrap();
-        assert!(matches!(long.write(b"abcd").await, Err(ObjectError::SizeMismatch { .. })));
-        assert_eq!(store.missing(&[hash(b"hello world"), hash(b"abc")]), vec![hash(b"abc")]);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1, "only the unfinished long write remains");
+        assert!(matches!(
+            long.write(b"abcd").await,
+            Err(ObjectError::SizeMismatch { .. })
+        ));
+        assert_eq!(
+            store.missing(&[hash(b"hello world"), hash(b"abc")]),
+            vec![hash(b"abc")]
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            1,
+            "only the unfinished long write remains"
+        );
     }
 
     #[tokio::test]
@@ -291,11 +366,30 @@ mod tests {
         }
         let old = SystemTime::now() - Duration::from_secs(7200);
         for data in [&b"keep"[..], b"drop"] {
-            std::fs::File::options().write(true).open(store.path(&hash(data))).unwrap().set_modified(old).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(store.path(&hash(data)))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
         }
         let referenced = HashSet::from([hash(b"keep")]);
-        let report = store.collect_garbage(&referenced, Duration::from_secs(3600)).unwrap();
-        assert_eq!(report, GcReport { kept: 1, removed: 1, removed_bytes: 4, spared: 1 });
-        assert!(store.contains(&hash(b"keep")) && !store.contains(&hash(b"drop")) && store.contains(&hash(b"young")));
+        let report = store
+            .collect_garbage(&referenced, Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(
+            report,
+            GcReport {
+                kept: 1,
+                removed: 1,
+                removed_bytes: 4,
+                spared: 1
+            }
+        );
+        assert!(
+            store.contains(&hash(b"keep"))
+                && !store.contains(&hash(b"drop"))
+                && store.contains(&hash(b"young"))
+        );
     }
 }

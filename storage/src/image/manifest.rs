@@ -167,6 +167,7 @@ pub struct Manifest {
 impl Manifest {
     pub fn new(mut entries: Vec<Entry>) -> Result<Manifest, ManifestError> {
         entries.sort_by(|a, b| tree_cmp(&a.path, &b.path));
+        canonical_hard_links(&mut entries);
         let mut kinds: BTreeMap<&str, Kind> = BTreeMap::new();
         for (i, entry) in entries.iter().enumerate() {
             if i > 0 && entries[i - 1].path == entry.path {
@@ -276,6 +277,42 @@ impl Manifest {
                 .map(entry_from_pb)
                 .collect::<Result<_, _>>()?,
         )
+    }
+}
+
+/// Among the names of one file, the first in tree order holds the content and metadata and the
+/// others are hard links to it, whatever order the source listed them in, so one tree always
+/// gives one manifest (and one root hash), and writing in tree order finds each link's target
+/// already there.
+fn canonical_hard_links(entries: &mut [Entry]) {
+    let index: BTreeMap<String, usize> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.clone(), i))
+        .collect();
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.kind == Kind::HardLink {
+            if let Some(&target) = index.get(&entry.link_target) {
+                if entries[target].kind == Kind::File {
+                    groups.entry(target).or_default().push(i);
+                }
+            }
+        }
+    }
+    for (file, links) in groups {
+        let first = links.iter().copied().chain([file]).min().unwrap_or(file);
+        let first_path = entries[first].path.clone();
+        if first != file {
+            let mut holder = entries[file].clone();
+            holder.path = first_path.clone();
+            let demoted = Entry::hard_link(&entries[file].path, &first_path);
+            entries[first] = holder;
+            entries[file] = demoted;
+        }
+        for link in links.into_iter().filter(|l| *l != first) {
+            entries[link].link_target = first_path.clone();
+        }
     }
 }
 
@@ -402,6 +439,25 @@ mod tests {
             Err(ManifestError::HardLinkTarget { .. })
         ));
         assert!(matches!(Manifest::new(vec![]), Err(ManifestError::NoRoot)));
+    }
+
+    #[test]
+    fn the_first_name_in_tree_order_holds_a_hard_linked_file() {
+        let listed_late_first = vec![
+            Entry::directory("/", 0o755, 0, 0),
+            Entry::file("/b", 0o600, 1, 1, 3, [4; 32]),
+            Entry::hard_link("/a", "/b"),
+            Entry::hard_link("/c", "/b"),
+        ];
+        let manifest = Manifest::new(listed_late_first).unwrap();
+        let expected = Manifest::new(vec![
+            Entry::directory("/", 0o755, 0, 0),
+            Entry::file("/a", 0o600, 1, 1, 3, [4; 32]),
+            Entry::hard_link("/b", "/a"),
+            Entry::hard_link("/c", "/a"),
+        ])
+        .unwrap();
+        assert_eq!(manifest, expected);
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! managed tree, which an agent can compute the same way from a live directory. Everything here
 //! is pure: no I/O.
 
+mod diff;
 mod filter;
 mod manifest;
 mod merkle;
 mod triggers;
 
+pub use diff::{diff, Difference};
 pub use filter::{Filter, FilterError};
 pub use manifest::{normalize_path, tree_cmp, Entry, Kind, Manifest, ManifestError};
 pub use triggers::{parse_triggers, Trigger, TriggerError};

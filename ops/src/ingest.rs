@@ -1,0 +1,282 @@
+//! Reading an image source (a directory or a tar archive) into a manifest and its contents.
+//!
+//! Everything an archive says is checked before anything is sent: paths must be relative and
+//! stay inside the tree, nothing may lie under a symlink, hard links must name files of the
+//! tree, names must be UTF-8, special files are refused, and a truncated or corrupt archive is
+//! an error. Archive contents are spooled to a temporary directory while they are hashed, so
+//! they are read once and never held in memory whole; directory contents are hashed in
+//! parallel where they lie.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use dom_storage::event::Hash;
+use dom_storage::image::{normalize_path, Entry, Filter, Manifest};
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+
+/// An image read from its source: the manifest and where each object's bytes are.
+pub struct Ingested {
+    pub manifest: Manifest,
+    pub contents: HashMap<Hash, PathBuf>,
+    /// Paths the filter left out.
+    pub filtered: u64,
+}
+
+const BUFFER: usize = 1 << 20;
+
+fn hash_file(path: &Path) -> std::io::Result<(Hash, u64)> {
+    let mut reader = File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; BUFFER];
+    let mut size = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((*hasher.finalize().as_bytes(), size))
+}
+
+fn utf8(raw: &[u8], what: &str) -> anyhow::Result<String> {
+    String::from_utf8(raw.to_vec()).map_err(|_| {
+        anyhow::anyhow!(
+            "{what} {:?} is not valid UTF-8",
+            String::from_utf8_lossy(raw)
+        )
+    })
+}
+
+/// Adds the directories an archive implies but does not list.
+fn add_missing_parents(entries: &mut Vec<Entry>) {
+    let present: BTreeSet<String> = entries.iter().map(|e| e.path.clone()).collect();
+    let mut wanted = BTreeSet::new();
+    for entry in entries.iter() {
+        let mut path = entry.path.as_str();
+        while let Some(i) = path.rfind('/') {
+            path = if i == 0 { "/" } else { &path[..i] };
+            if !present.contains(path) {
+                wanted.insert(path.to_owned());
+            }
+            if path == "/" {
+                break;
+            }
+        }
+    }
+    if !present.contains("/") {
+        wanted.insert("/".to_owned());
+    }
+    entries.extend(wanted.iter().map(|p| Entry::directory(p, 0o755, 0, 0)));
+}
+
+/// Reads `source`: a directory, `.tar`, `.tar.gz`/`.tgz` or `.tar.zst`/`.tzst`.
+pub fn read_source(
+    source: &Path,
+    filter: &Filter,
+    spool: &Path,
+    progress: &ProgressBar,
+) -> anyhow::Result<Ingested> {
+    let meta =
+        std::fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
+    if meta.is_dir() {
+        return read_directory(source, filter, progress);
+    }
+    let name = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = BufReader::with_capacity(
+        BUFFER,
+        File::open(source).with_context(|| format!("opening {}", source.display()))?,
+    );
+    let reader: Box<dyn Read> = if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else if name.ends_with(".tar.zst") || name.ends_with(".tzst") {
+        Box::new(zstd::Decoder::with_buffer(file).context("reading the zstd stream")?)
+    } else if name.ends_with(".tar") {
+        Box::new(file)
+    } else {
+        bail!(
+            "{}: not a directory, .tar, .tar.gz or .tar.zst",
+            source.display()
+        );
+    };
+    read_archive(reader, filter, spool, progress)
+        .with_context(|| format!("refusing {}", source.display()))
+}
+
+fn read_archive(
+    reader: impl Read,
+    filter: &Filter,
+    spool: &Path,
+    progress: &ProgressBar,
+) -> anyhow::Result<Ingested> {
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = Vec::new();
+    let mut contents = HashMap::new();
+    let mut filtered = 0;
+    let mut spooled = 0u64;
+    for item in archive
+        .entries()
+        .context("the archive is not a readable tar")?
+    {
+        let mut item = item.context("the archive is truncated or corrupt")?;
+        let header = item.header();
+        let raw_path = item.path_bytes().into_owned();
+        let path = normalize_path(&utf8(&raw_path, "path")?)?;
+        let mode = header.mode().context("bad mode")? & 0o7777;
+        let uid = u32::try_from(header.uid().context("bad uid")?).context("uid too large")?;
+        let gid = u32::try_from(header.gid().context("bad gid")?).context("gid too large")?;
+        let kind = header.entry_type();
+        if path != "/" && filter.excludes(&path) {
+            filtered += 1;
+            continue;
+        }
+        use tar::EntryType as T;
+        let entry = match kind {
+            T::Directory => Entry::directory(&path, mode, uid, gid),
+            T::Regular | T::Continuous => {
+                let target = spool.join(format!("{spooled:08}"));
+                spooled += 1;
+                let mut out = std::io::BufWriter::with_capacity(BUFFER, File::create(&target)?);
+                let mut hasher = blake3::Hasher::new();
+                let mut buf = vec![0u8; BUFFER];
+                let mut size = 0u64;
+                loop {
+                    let n = item
+                        .read(&mut buf)
+                        .with_context(|| format!("{path}: the archive is truncated or corrupt"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    out.write_all(&buf[..n])?;
+                    size += n as u64;
+                }
+                out.flush()?;
+                progress.inc(size);
+                let hash = *hasher.finalize().as_bytes();
+                contents.entry(hash).or_insert(target);
+                Entry::file(&path, mode, uid, gid, size, hash)
+            }
+            T::Symlink => {
+                let target = item
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                Entry::symlink(&path, uid, gid, &utf8(&target, "symlink target")?)
+            }
+            T::Link => {
+                let target = item
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                let target = normalize_path(&utf8(&target, "hard link target")?)
+                    .with_context(|| format!("hard link {path} points outside the tree"))?;
+                Entry::hard_link(&path, &target)
+            }
+            T::Char | T::Block | T::Fifo => {
+                bail!("{path} is a device node or FIFO; images hold files, directories and links")
+            }
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
+            other => bail!("{path} has an unsupported entry type {other:?}"),
+        };
+        entries.push(entry);
+    }
+    add_missing_parents(&mut entries);
+    Ok(Ingested {
+        manifest: Manifest::new(entries)?,
+        contents,
+        filtered,
+    })
+}
+
+fn read_directory(
+    root: &Path,
+    filter: &Filter,
+    progress: &ProgressBar,
+) -> anyhow::Result<Ingested> {
+    let mut entries = Vec::new();
+    let mut files: Vec<(usize, PathBuf)> = Vec::new();
+    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
+    let mut filtered = 0;
+    let mut walk = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter();
+    while let Some(item) = walk.next() {
+        let item = item.with_context(|| format!("walking {}", root.display()))?;
+        let rel = item
+            .path()
+            .strip_prefix(root)
+            .context("walked outside the source")?;
+        let rel = utf8(rel.as_os_str().as_encoded_bytes(), "path")?;
+        let path = normalize_path(&rel)?;
+        if path != "/" && filter.excludes(&path) {
+            filtered += 1;
+            if item.file_type().is_dir() {
+                walk.skip_current_dir();
+            }
+            continue;
+        }
+        let meta = item
+            .metadata()
+            .with_context(|| format!("reading {}", item.path().display()))?;
+        let (mode, uid, gid) = (meta.mode() & 0o7777, meta.uid(), meta.gid());
+        let kind = item.file_type();
+        let entry = if kind.is_dir() {
+            Entry::directory(&path, mode, uid, gid)
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(item.path())?;
+            Entry::symlink(
+                &path,
+                uid,
+                gid,
+                &utf8(target.as_os_str().as_encoded_bytes(), "symlink target")?,
+            )
+        } else if kind.is_file() {
+            if meta.nlink() > 1 {
+                if let Some(first) = inodes.get(&(meta.dev(), meta.ino())) {
+                    entries.push(Entry::hard_link(&path, first));
+                    continue;
+                }
+                inodes.insert((meta.dev(), meta.ino()), path.clone());
+            }
+            files.push((entries.len(), item.path().to_owned()));
+            Entry::file(&path, mode, uid, gid, 0, [0; 32])
+        } else {
+            bail!(
+                "{path} is a device node, FIFO or socket; images hold files, directories and links"
+            );
+        };
+        entries.push(entry);
+    }
+    let hashed: Vec<anyhow::Result<(usize, Hash, u64)>> = files
+        .par_iter()
+        .map(|(index, file)| {
+            let (hash, size) =
+                hash_file(file).with_context(|| format!("reading {}", file.display()))?;
+            progress.inc(size);
+            Ok((*index, hash, size))
+        })
+        .collect();
+    let mut contents = HashMap::new();
+    for ((_, file), result) in files.into_iter().zip(hashed) {
+        let (index, hash, size) = result?;
+        entries[index].hash = hash;
+        entries[index].size = size;
+        contents.entry(hash).or_insert(file);
+    }
+    Ok(Ingested {
+        manifest: Manifest::new(entries)?,
+        contents,
+        filtered,
+    })
+}
