@@ -351,6 +351,13 @@ async fn add(
     triggers: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let name = names::canonical_image_name(name)?;
+    // The leader decides, but there is no point hashing and uploading for a name that is taken.
+    if let Some(taken) = images(ctx).await?.into_iter().find(|i| i.name == name) {
+        if taken.deleted {
+            bail!("image name {name:?} belonged to a deleted image and is never reused");
+        }
+        bail!("image {name:?} already exists");
+    }
     let filter = match filter {
         Some(path) => Filter::parse(
             &std::fs::read_to_string(&path)

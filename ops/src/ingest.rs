@@ -190,6 +190,10 @@ fn read_archive(
         };
         entries.push(entry);
     }
+    // Read to the end of the compressed stream, so its checksum is verified even though tar
+    // stopped at its end-of-archive marker.
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
+        .context("the archive is truncated or corrupt")?;
     add_missing_parents(&mut entries);
     Ok(Ingested {
         manifest: Manifest::new(entries)?,
@@ -279,4 +283,54 @@ fn read_directory(
         contents,
         filtered,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, path, data.as_slice())
+                .unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn read(name: &str, bytes: &[u8]) -> anyhow::Result<Ingested> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        read_source(&path, &Filter::empty(), &spool, &ProgressBar::hidden())
+    }
+
+    #[test]
+    fn a_corrupt_gzip_body_is_refused() {
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let tar = tar_of(&[("etc/data", data)]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&tar).unwrap();
+        let mut gz = gz.finish().unwrap();
+        if let Err(e) = read("ok.tar.gz", &gz) {
+            panic!("{e:#}");
+        }
+        let mid = gz.len() / 2;
+        for byte in &mut gz[mid..mid + 10] {
+            *byte ^= 0xff;
+        }
+        assert!(read("bad.tar.gz", &gz).is_err());
+    }
 }
