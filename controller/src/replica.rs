@@ -193,9 +193,24 @@ pub async fn run(
         );
     // Small Raft messages and replies must not wait for Nagle's algorithm.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = server
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+    // A replica whose Raft core has stopped (a storage failure, a broken invariant) must not
+    // go on answering as if it were healthy: stop the process, so a supervisor restarts it.
+    let mut metrics = raft.metrics();
+    let core_stopped = async move { while metrics.changed().await.is_ok() {} };
+    let mut core_failed = false;
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = core_stopped => core_failed = true,
+        }
+    };
+    let served = server.serve_with_incoming_shutdown(incoming, stop).await;
+    if core_failed {
+        maintenance_task.abort();
+        return Err(ReplicaError::Raft(
+            "the Raft core stopped unexpectedly; see the log above".into(),
+        ));
+    }
     tracing::info!("shutting down");
     maintenance_task.abort();
     if let Err(e) = raft.shutdown().await {
