@@ -278,6 +278,25 @@ pub async fn load_manifest(
         .map_err(|e| Status::invalid_argument(format!("manifest {}: {e}", to_hex(hash))))
 }
 
+const PUSH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Sends `addr` whichever of `hashes` it lacks, and checks they arrived.
+async fn push_all(store: &ObjectStore, addr: &str, hashes: &[Hash]) -> Result<(), Status> {
+    let missing = peer_missing(addr, hashes).await?;
+    if !missing.is_empty() {
+        push(store, addr, missing).await?;
+    }
+    let left = peer_missing(addr, hashes).await?;
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::data_loss(format!(
+            "{} object(s) did not arrive",
+            left.len()
+        )))
+    }
+}
+
 /// Makes sure every object in `hashes` is stored on a majority of the `voters` (this replica
 /// included), pushing from here to the peers that lack them.
 pub async fn ensure_on_majority(
@@ -300,19 +319,12 @@ pub async fn ensure_on_majority(
         )));
     }
     let pushes = peers.values().map(|addr| async move {
-        let missing = peer_missing(addr, hashes).await?;
-        if !missing.is_empty() {
-            push(store, addr, missing).await?;
-        }
-        let left = peer_missing(addr, hashes).await?;
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(Status::data_loss(format!(
-                "{} object(s) did not arrive",
-                left.len()
-            )))
-        }
+        // A peer that stops reading must not hold the commit up for ever; the majority decides.
+        tokio::time::timeout(PUSH_TIMEOUT, push_all(store, addr, hashes))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("{addr} took longer than {PUSH_TIMEOUT:?}"))
+            })?
     });
     let results = futures::future::join_all(pushes).await;
     let holders = 1 + results.iter().filter(|r| r.is_ok()).count();

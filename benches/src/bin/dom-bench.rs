@@ -57,14 +57,22 @@ fn mb_s(bytes: u64, secs: f64) -> f64 {
 }
 
 fn tar_b3sum(root: &Path) -> Option<f64> {
-    if Command::new("b3sum").arg("--version").stdout(Stdio::null()).status().is_err() {
+    if Command::new("b3sum")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
         eprintln!("b3sum is not on PATH (cargo install b3sum): baseline skipped");
         return None;
     }
     let start = Instant::now();
     let status = Command::new("sh")
         .arg("-c")
-        .arg(format!("tar -C '{}' -cf - . | b3sum > /dev/null", root.display()))
+        .arg(format!(
+            "tar -C '{}' -cf - . | b3sum > /dev/null",
+            root.display()
+        ))
         .status()
         .ok()?;
     status.success().then(|| start.elapsed().as_secs_f64())
@@ -83,7 +91,11 @@ fn ingest(bytes: u64, files: u64) {
     let add = |name: &str| {
         let start = Instant::now();
         let out = cluster.domadm(&["image", "add", name, tree.to_str().expect("utf-8 path")]);
-        assert!(out.status.success(), "image add: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "image add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         start.elapsed().as_secs_f64()
     };
     let first = add("bench/1");
@@ -91,10 +103,19 @@ fn ingest(bytes: u64, files: u64) {
     let again = add("bench/2");
 
     println!("ingest of {files} files, {real_bytes} bytes into a 3-replica cluster:");
-    println!("  dom image add (hash, upload, replicate to a majority, commit): {first:.2} s, {} MB/s", mb_s(real_bytes, first));
-    println!("  dom image add of the same tree again (hash only, 0 bytes sent):  {again:.2} s, {} MB/s", mb_s(real_bytes, again));
+    println!(
+        "  dom image add (hash, upload, replicate to a majority, commit): {first:.2} s, {} MB/s",
+        mb_s(real_bytes, first)
+    );
+    println!(
+        "  dom image add of the same tree again (hash only, 0 bytes sent):  {again:.2} s, {} MB/s",
+        mb_s(real_bytes, again)
+    );
     match baseline {
-        Some(secs) => println!("  tar -c | b3sum:                                                {secs:.2} s, {} MB/s", mb_s(real_bytes, secs)),
+        Some(secs) => println!(
+            "  tar -c | b3sum:                                                {secs:.2} s, {} MB/s",
+            mb_s(real_bytes, secs)
+        ),
         None => println!("  tar -c | b3sum: not measured"),
     }
     let json = serde_json::json!({
