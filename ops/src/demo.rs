@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use dom_proto::v1::ClusterStatusRequest;
+use dom_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
 
 use crate::client::Cluster;
 use crate::cluster::ClusterCommand;
@@ -131,54 +131,50 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn leader(cluster: &mut Cluster, not: Option<u64>) -> anyhow::Result<u64> {
+/// Polls cluster status until `done` picks a value out of it, for at most 30 s.
+async fn wait_for<T>(
+    cluster: &mut Cluster,
+    what: &str,
+    done: impl Fn(&ClusterStatusResponse) -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(status) = cluster
+        let status = cluster
             .call(|c| async move {
                 crate::client::admin(c)
                     .cluster_status(ClusterStatusRequest {})
                     .await
             })
-            .await
-        {
-            if status.leader != 0 && Some(status.leader) != not {
-                return Ok(status.leader);
-            }
+            .await;
+        if let Some(value) = status.ok().as_ref().and_then(&done) {
+            return Ok(value);
         }
         if Instant::now() > deadline {
-            bail!("no leader elected within 30 s; see the replica logs");
+            bail!("{what} did not happen within 30 s; see the replica logs");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
+async fn leader(cluster: &mut Cluster, not: Option<u64>) -> anyhow::Result<u64> {
+    wait_for(cluster, "a leader election", |s| {
+        Some(s.leader).filter(|l| *l != 0 && Some(*l) != not)
+    })
+    .await
+}
+
 async fn converged(cluster: &mut Cluster) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(status) = cluster
-            .call(|c| async move {
-                crate::client::admin(c)
-                    .cluster_status(ClusterStatusRequest {})
-                    .await
-            })
-            .await
-        {
-            let first = status
-                .members
-                .first()
-                .map(|m| (m.applied_index, m.journal_hash.clone()));
-            if status.members.iter().all(|m| {
-                m.role != "unreachable" && Some((m.applied_index, m.journal_hash.clone())) == first
-            }) {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("replicas did not converge within 30 s; see the replica logs");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(cluster, "replica convergence", |s| {
+        let first = s
+            .members
+            .first()
+            .map(|m| (m.applied_index, &m.journal_hash));
+        s.members
+            .iter()
+            .all(|m| m.role != "unreachable" && Some((m.applied_index, &m.journal_hash)) == first)
+            .then_some(())
+    })
+    .await
 }
 
 fn step(text: &str) {
