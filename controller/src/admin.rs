@@ -236,8 +236,54 @@ async fn ask_replica(addr: &str) -> Result<pb::ReplicaStatus, Status> {
         .into_inner())
 }
 
+type JournalStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::JournalRecord, Status>> + Send>>;
+
+/// Records `from..=to` of this replica's journal, then (with `follow`) each new one.
+fn journal_stream(view: FleetView, from: u64, to: u64, follow: bool) -> JournalStream {
+    Box::pin(async_stream::try_stream! {
+        let mut next = from.max(1);
+        let mut applied = view.subscribe();
+        loop {
+            let head = view.journal_head().index;
+            let end = if to == 0 { head } else { to.min(head) };
+            while next <= end {
+                // Read in bounded batches so a long journal streams without being held whole.
+                let batch_end = end.min(next + 1023);
+                let records: Vec<_> = view.journal(next, batch_end).collect::<Result<_, _>>()
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                for (index, record) in records {
+                    next = index + 1;
+                    yield pb::JournalRecord { index, log_index: record.log_index, hash: record.hash.to_vec(), event: record.event };
+                }
+            }
+            if !follow || (to != 0 && next > to) {
+                break;
+            }
+            if applied.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    type ReadJournalStream = JournalStream;
+
+    async fn read_journal(
+        &self,
+        request: Request<pb::ReadJournalRequest>,
+    ) -> Result<Response<JournalStream>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(journal_stream(
+            self.view.clone(),
+            r.from,
+            r.to,
+            r.follow,
+        )))
+    }
+
     async fn append(
         &self,
         request: Request<pb::AppendRequest>,

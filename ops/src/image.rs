@@ -59,7 +59,7 @@ pub enum ImageCommand {
 }
 
 #[derive(Serialize)]
-struct Image {
+pub struct Image {
     name: String,
     root_hash: String,
     files: u64,
@@ -85,6 +85,48 @@ impl From<pb::Image> for Image {
             triggers: i.triggers.into_iter().map(trigger_from_pb).collect(),
         }
     }
+}
+
+impl From<&dom_storage::fleet::Image> for Image {
+    fn from(i: &dom_storage::fleet::Image) -> Self {
+        Image {
+            name: i.name.clone(),
+            root_hash: to_hex_vec(&i.root_hash),
+            files: i.files,
+            bytes: i.bytes,
+            created_at: rfc3339(i.created_at_unix_ms),
+            deleted: i.deleted_at.is_some(),
+            manifest_hash: i.manifest_hash.map(|h| to_hex_vec(&h)).unwrap_or_default(),
+            filter: i.filter.clone(),
+            triggers: i.triggers.clone(),
+        }
+    }
+}
+
+pub fn print_images(format: output::Format, list: &[Image]) -> anyhow::Result<()> {
+    let rows = list
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.root_hash.chars().take(16).collect(),
+                i.files.to_string(),
+                i.bytes.to_string(),
+                i.created_at.clone(),
+                if i.deleted {
+                    "deleted".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    output::print(
+        format,
+        &list,
+        &["NAME", "ROOT HASH", "FILES", "BYTES", "CREATED", ""],
+        rows,
+    )
 }
 
 fn to_hex_vec(bytes: &[u8]) -> String {
@@ -181,29 +223,7 @@ impl ImageCommand {
             } => add(ctx, &name, &source, filter, triggers).await,
             ImageCommand::List => {
                 let list: Vec<Image> = images(ctx).await?.into_iter().map(Image::from).collect();
-                let rows = list
-                    .iter()
-                    .map(|i| {
-                        vec![
-                            i.name.clone(),
-                            i.root_hash.chars().take(16).collect(),
-                            i.files.to_string(),
-                            i.bytes.to_string(),
-                            i.created_at.clone(),
-                            if i.deleted {
-                                "deleted".into()
-                            } else {
-                                String::new()
-                            },
-                        ]
-                    })
-                    .collect();
-                output::print(
-                    ctx.output,
-                    &list,
-                    &["NAME", "ROOT HASH", "FILES", "BYTES", "CREATED", ""],
-                    rows,
-                )
+                print_images(ctx.output, &list)
             }
             ImageCommand::Show { name } => {
                 let image = Image::from(find(ctx, &name).await?);

@@ -50,7 +50,7 @@ fn parse_tag(text: &str) -> Result<(String, String), String> {
 }
 
 #[derive(Serialize)]
-struct Machine {
+pub struct Machine {
     hostname: String,
     required_image: Option<String>,
     planned_image: Option<String>,
@@ -74,6 +74,23 @@ impl From<pb::Machine> for Machine {
             changed_at: m.changed_at,
         }
     }
+}
+
+impl From<&dom_storage::fleet::Machine> for Machine {
+    fn from(m: &dom_storage::fleet::Machine) -> Self {
+        Machine {
+            hostname: m.hostname.clone(),
+            required_image: m.required_image.clone(),
+            planned_image: m.planned_image.clone(),
+            tags: m.tags.clone(),
+            added_at: m.added_at,
+            changed_at: m.changed_at,
+        }
+    }
+}
+
+pub fn print_machines(format: output::Format, machines: &[Machine]) -> anyhow::Result<()> {
+    output::print(format, &machines, &HEADERS, rows(machines))
 }
 
 fn tags_text(tags: &BTreeMap<String, String>) -> String {

@@ -1,5 +1,6 @@
 //! domadm: the operators' command line for a dom cluster.
 
+mod audit;
 mod client;
 mod cluster;
 mod demo;
@@ -55,6 +56,9 @@ enum Command {
     /// Images known to the cluster.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The audit log: history, point-in-time replay, chain verification, export.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Start a local three-replica cluster on loopback and show it working.
     Demo(demo::Demo),
 }
@@ -100,6 +104,7 @@ impl Cli {
             Command::Cluster(cmd) => cmd.run(&mut context()?).await,
             Command::Machine(cmd) => cmd.run(&mut context()?).await,
             Command::Image(cmd) => cmd.run(&mut context()?).await,
+            Command::Audit(cmd) => cmd.run(&mut context()?).await,
             Command::Demo(demo) => demo.run(actor).await,
         }
     }
