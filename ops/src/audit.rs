@@ -31,9 +31,6 @@ pub struct Filters {
     /// Only events that name this image.
     #[arg(long, value_name = "IMAGE")]
     image: Option<String>,
-    /// Only events by this actor.
-    #[arg(long, value_name = "NAME")]
-    actor: Option<String>,
     /// Only events of this kind (machine_added, required_image_set, ...).
     #[arg(long, value_name = "KIND")]
     kind: Option<String>,
@@ -47,7 +44,7 @@ pub struct Filters {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Who changed what, when and why.
+    /// Who changed what, when and why. `--actor NAME` selects that actor's events.
     #[command(
         after_help = "Examples:\n  domadm audit log --machine web-01\n  domadm audit log --actor alice --since 2h -o json\n  domadm audit log --follow"
     )]
@@ -80,6 +77,7 @@ pub enum AuditCommand {
         data_dir: Option<PathBuf>,
     },
     /// Every event as JSON lines, with the hashes that let a copy be checked later.
+    /// `--actor NAME` selects that actor's events.
     #[command(
         after_help = "Example:\n  domadm audit export --since 2026-11-01T00:00:00Z > audit.jsonl"
     )]
@@ -189,7 +187,8 @@ struct Matcher {
 }
 
 impl Matcher {
-    fn new(f: &Filters) -> anyhow::Result<Matcher> {
+    /// `actor` is the global `--actor`, which on audit commands selects events by that actor.
+    fn new(f: &Filters, actor: Option<String>) -> anyhow::Result<Matcher> {
         let now = OffsetDateTime::now_utc();
         Ok(Matcher {
             machine: f
@@ -202,7 +201,7 @@ impl Matcher {
                 .as_deref()
                 .map(dom_storage::names::canonical_image_name)
                 .transpose()?,
-            actor: f.actor.clone(),
+            actor,
             kind: f.kind.clone(),
             since: f.since.as_deref().map(|t| parse_time(t, now)).transpose()?,
             until: f.until.as_deref().map(|t| parse_time(t, now)).transpose()?,
@@ -309,7 +308,7 @@ async fn log(
     follow: bool,
     export: bool,
 ) -> anyhow::Result<()> {
-    let matcher = Matcher::new(filters)?;
+    let matcher = Matcher::new(filters, ctx.actor.clone())?;
     let mut stream = read_journal(ctx, 1, 0, follow).await?;
     let lines = export || follow;
     let mut collected = Vec::new();

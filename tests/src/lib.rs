@@ -179,7 +179,8 @@ impl Cluster {
     /// Runs domadm against every replica's address.
     pub fn domadm(&self, args: &[&str]) -> Output {
         Command::new(bin("domadm"))
-            .args(["--endpoints", &self.endpoints(), "--actor", "tester"])
+            .args(["--endpoints", &self.endpoints()])
+            .env("USER", "tester")
             .args(args)
             .stdin(Stdio::null())
             .output()
