@@ -201,7 +201,7 @@ async fn fetch(
     Ok(size)
 }
 
-async fn manifest_of(ctx: &mut Context, image: &pb::Image) -> anyhow::Result<Manifest> {
+pub async fn manifest_of(ctx: &mut Context, image: &pb::Image) -> anyhow::Result<Manifest> {
     let hash: Hash = image
         .manifest_hash
         .as_slice()

@@ -1,5 +1,6 @@
 //! domadm: the operators' command line for a dom cluster.
 
+mod assign;
 mod audit;
 mod client;
 mod cluster;
@@ -56,6 +57,14 @@ enum Command {
     /// Images known to the cluster.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Set the required or planned image of machines, atomically.
+    Assign(assign::Assign),
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  domadm completions bash > /etc/bash_completion.d/domadm")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The audit log: history, point-in-time replay, chain verification, export.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -105,6 +114,16 @@ impl Cli {
             Command::Machine(cmd) => cmd.run(&mut context()?).await,
             Command::Image(cmd) => cmd.run(&mut context()?).await,
             Command::Audit(cmd) => cmd.run(&mut context()?).await,
+            Command::Assign(cmd) => cmd.run(&mut context()?).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut <Cli as clap::CommandFactory>::command(),
+                    "domadm",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
+            }
             Command::Demo(demo) => demo.run(actor).await,
         }
     }
