@@ -226,3 +226,153 @@ fn verify_passes_a_healthy_cluster_and_finds_an_altered_record_in_a_copy() {
         "verify did not name index 4: {stderr}"
     );
 }
+
+#[test]
+fn mdb_import_and_assignments_leave_a_history_an_investigator_can_read() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(None);
+    let work = tempfile::tempdir().unwrap();
+    let tar = tarball(work.path(), "base", "base");
+    for image in ["web/2026.11.01", "web/2026.11.15", "db/2026.10.20"] {
+        run(&cluster, &["image", "add", image, tar.to_str().unwrap()]);
+    }
+    run(&cluster, &["machine", "add", "web-01", "--tag", "role=web"]);
+    let mdb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../storage/testdata/fixtures/mdb.json");
+    let mdb = mdb.to_str().unwrap();
+
+    // Dry runs write nothing.
+    let head = cluster.wait_converged();
+    run(&cluster, &["machine", "import", mdb, "--dry-run"]);
+    run(
+        &cluster,
+        &[
+            "assign",
+            "--required",
+            "web/2026.11.15",
+            "--selector",
+            "role=web",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(cluster.wait_converged(), head, "a dry run wrote to the log");
+
+    run(
+        &cluster,
+        &[
+            "machine",
+            "import",
+            mdb,
+            "--actor",
+            "migration",
+            "--reason",
+            "from Dominator",
+        ],
+    );
+    let machines = cluster.domadm_json(&["machine", "list"]);
+    let required: Vec<(&str, &str)> = machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["hostname"].as_str().unwrap(),
+                m["required_image"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        required,
+        [
+            ("db-01", "db/2026.10.20"),
+            ("web-01", "web/2026.11.01"),
+            ("web-02", "web/2026.11.01")
+        ]
+    );
+    let import_index = cluster.domadm_json(&["audit", "log", "--kind", "batch"])[0]["index"]
+        .as_u64()
+        .unwrap();
+    let again = cluster.domadm(&["machine", "import", mdb]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to import"));
+
+    run(
+        &cluster,
+        &[
+            "assign",
+            "--required",
+            "web/2026.11.15",
+            "web-01",
+            "web-02",
+            "--actor",
+            "alice",
+            "--reason",
+            "roll web",
+        ],
+    );
+    let refused = cluster.domadm(&["assign", "--required", "web/9", "--all"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let empty = cluster.domadm(&[
+        "assign",
+        "--planned",
+        "db/2026.10.20",
+        "--selector",
+        "role=none",
+    ]);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(cluster
+        .domadm(&[
+            "assign",
+            "--planned",
+            "db/2026.10.20",
+            "--selector",
+            "role=none",
+            "--allow-empty"
+        ])
+        .status
+        .success());
+
+    // The earlier required image is what replay shows at the import's index.
+    let then = cluster.domadm_json(&["audit", "replay", "--at", &import_index.to_string()]);
+    let web01 = then["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["hostname"] == "web-01")
+        .unwrap();
+    assert_eq!(web01["required_image"], "web/2026.11.01");
+    let history = cluster.domadm_json(&["audit", "log", "--machine", "web-01"]);
+    let last = history.as_array().unwrap().last().unwrap();
+    assert_eq!(
+        (last["actor"].as_str(), last["reason"].as_str()),
+        (Some("alice"), Some("roll web"))
+    );
+    assert_eq!(last["event"]["image"], "web/2026.11.15");
+
+    let bad = work.path().join("bad.json");
+    std::fs::write(&bad, "[{\"Hostname\": \"x\"").unwrap();
+    let head = cluster.wait_converged();
+    assert_eq!(
+        cluster
+            .domadm(&["machine", "import", bad.to_str().unwrap()])
+            .status
+            .code(),
+        Some(1)
+    );
+    std::fs::write(
+        &bad,
+        r#"[{"Hostname": "new-01", "RequiredImage": "no/such"}, {"Hostname": "new-02"}]"#,
+    )
+    .unwrap();
+    assert_eq!(
+        cluster
+            .domadm(&["machine", "import", bad.to_str().unwrap()])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        cluster.wait_converged(),
+        head,
+        "a refused import wrote to the log"
+    );
+    assert_eq!(cluster.domadm_json(&["audit", "verify"])["ok"], true);
+}

@@ -146,11 +146,21 @@ pub fn change_json(change: &Change) -> Value {
             json!({ "hostnames": hostnames, "image": opt(image) })
         }
         Change::UpdatesHalted | Change::UpdatesResumed => json!({}),
+        Change::Batch(changes) => json!({
+            "changes": changes.iter().map(|c| {
+                let mut v = change_json(c);
+                if let Some(map) = v.as_object_mut() {
+                    map.insert("kind".into(), Value::String(c.kind().into()));
+                }
+                v
+            }).collect::<Vec<_>>(),
+        }),
     }
 }
 
 fn names_machine(change: &Change, host: &str) -> bool {
     match change {
+        Change::Batch(changes) => changes.iter().any(|c| names_machine(c, host)),
         Change::MachineAdded { hostname, .. }
         | Change::MachineUpdated { hostname, .. }
         | Change::MachineRemoved { hostname } => hostname == host,
@@ -163,6 +173,7 @@ fn names_machine(change: &Change, host: &str) -> bool {
 
 fn names_image(change: &Change, image: &str) -> bool {
     match change {
+        Change::Batch(changes) => changes.iter().any(|c| names_image(c, image)),
         Change::ImageAdded { name, .. } | Change::ImageDeleted { name } => name == image,
         Change::MachineAdded {
             required_image,

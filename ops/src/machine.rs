@@ -36,6 +36,16 @@ pub enum MachineCommand {
     /// One machine.
     #[command(after_help = "Example:\n  domadm machine show web-01")]
     Show { host: String },
+    /// Import Dominator's MDB JSON, applying the difference to the fleet as one event.
+    #[command(
+        after_help = "Example:\n  domadm machine import mdb.json --dry-run\n\nThe file is a JSON array of {\"Hostname\", \"RequiredImage\", \"PlannedImage\"}; other fields\nare ignored and empty strings mean unset. Machines the file does not name are left alone."
+    )]
+    Import {
+        file: std::path::PathBuf,
+        /// Show the changes without making them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove a machine from the fleet (its history stays in the log).
     #[command(after_help = "Example:\n  domadm machine remove web-01 --reason 'decommissioned'")]
     Remove { host: String },
@@ -91,6 +101,35 @@ impl From<&dom_storage::fleet::Machine> for Machine {
 
 pub fn print_machines(format: output::Format, machines: &[Machine]) -> anyhow::Result<()> {
     output::print(format, &machines, &HEADERS, rows(machines))
+}
+
+fn describe(change: &Change) -> String {
+    let name = |i: &Option<String>| i.clone().unwrap_or_else(|| "(none)".into());
+    match change {
+        Change::MachineAdded {
+            hostname,
+            required_image,
+            planned_image,
+            ..
+        } => {
+            format!(
+                "add {hostname} required {} planned {}",
+                name(required_image),
+                name(planned_image)
+            )
+        }
+        Change::RequiredImageSet { hostnames, image } => format!(
+            "set required image of {} to {}",
+            hostnames.join(","),
+            name(image)
+        ),
+        Change::PlannedImageSet { hostnames, image } => format!(
+            "set planned image of {} to {}",
+            hostnames.join(","),
+            name(image)
+        ),
+        other => other.kind().to_owned(),
+    }
 }
 
 fn tags_text(tags: &BTreeMap<String, String>) -> String {
@@ -155,9 +194,108 @@ pub async fn commit(ctx: &mut Context, change: Change, done: &str) -> anyhow::Re
     Ok(())
 }
 
+#[derive(serde::Deserialize)]
+struct MdbMachine {
+    #[serde(rename = "Hostname")]
+    hostname: String,
+    #[serde(rename = "RequiredImage", default)]
+    required_image: String,
+    #[serde(rename = "PlannedImage", default)]
+    planned_image: String,
+}
+
+/// The changes that make the fleet match an MDB: machines added, and required or planned
+/// images set where they differ. Machines the MDB does not name are left alone.
+fn import_changes(mdb: &[MdbMachine], fleet: &[pb::Machine]) -> anyhow::Result<Vec<Change>> {
+    let known: BTreeMap<&str, &pb::Machine> =
+        fleet.iter().map(|m| (m.hostname.as_str(), m)).collect();
+    let image = |name: &str| -> anyhow::Result<Option<String>> {
+        Ok(if name.is_empty() {
+            None
+        } else {
+            Some(names::canonical_image_name(name)?)
+        })
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut changes = Vec::new();
+    for entry in mdb {
+        let hostname = names::canonical_hostname(&entry.hostname)?;
+        if !seen.insert(hostname.clone()) {
+            anyhow::bail!("{hostname} is listed twice");
+        }
+        let (required, planned) = (image(&entry.required_image)?, image(&entry.planned_image)?);
+        match known.get(hostname.as_str()) {
+            None => changes.push(Change::MachineAdded {
+                hostname,
+                tags: BTreeMap::new(),
+                required_image: required,
+                planned_image: planned,
+            }),
+            Some(m) => {
+                if optional(m.required_image.clone()) != required {
+                    changes.push(Change::RequiredImageSet {
+                        hostnames: vec![hostname.clone()],
+                        image: required,
+                    });
+                }
+                if optional(m.planned_image.clone()) != planned {
+                    changes.push(Change::PlannedImageSet {
+                        hostnames: vec![hostname],
+                        image: planned,
+                    });
+                }
+            }
+        }
+    }
+    Ok(changes)
+}
+
 impl MachineCommand {
     pub async fn run(self, ctx: &mut Context) -> anyhow::Result<()> {
         match self {
+            MachineCommand::Import { file, dry_run } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                let mdb: Vec<MdbMachine> = serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("{} is not Dominator MDB JSON: {e}", file.display())
+                })?;
+                let fleet = ctx
+                    .cluster
+                    .call(|c| async move {
+                        crate::client::admin(c)
+                            .list_machines(pb::ListMachinesRequest {})
+                            .await
+                    })
+                    .await?
+                    .machines;
+                let changes = import_changes(&mdb, &fleet)?;
+                if changes.is_empty() {
+                    println!(
+                        "nothing to import: the fleet already matches {}",
+                        file.display()
+                    );
+                    return Ok(());
+                }
+                if dry_run {
+                    for change in &changes {
+                        println!("would {}", describe(change));
+                    }
+                    println!("dry run: nothing was changed");
+                    return Ok(());
+                }
+                let lines: Vec<String> = changes.iter().map(describe).collect();
+                let count = changes.len();
+                commit(
+                    ctx,
+                    Change::Batch(changes),
+                    &format!("imported {} ({count} change(s))", file.display()),
+                )
+                .await?;
+                if ctx.output == output::Format::Table {
+                    lines.iter().for_each(|l| println!("  {l}"));
+                }
+                Ok(())
+            }
             MachineCommand::Add {
                 host,
                 tags,

@@ -61,6 +61,8 @@ pub enum Change {
     },
     UpdatesHalted,
     UpdatesResumed,
+    /// Machine changes applied together or not at all, in order.
+    Batch(Vec<Change>),
 }
 
 impl Change {
@@ -76,6 +78,7 @@ impl Change {
             Change::PlannedImageSet { .. } => "planned_image_set",
             Change::UpdatesHalted => "updates_halted",
             Change::UpdatesResumed => "updates_resumed",
+            Change::Batch(_) => "batch",
         }
     }
 }
@@ -127,6 +130,46 @@ pub fn trigger_from_pb(t: pb::Trigger) -> Trigger {
         do_reboot: t.do_reboot,
         high_impact: t.high_impact,
     }
+}
+
+/// A machine change inside a batch; other kinds cannot be batched (and `check` refuses them).
+fn batched_to_pb(change: Change) -> Option<pb::BatchedChange> {
+    use pb::batched_change::Change as B;
+    use pb::event::Change as C;
+    let event = pb::Event::from(Event {
+        actor: String::new(),
+        time_unix_ms: 0,
+        reason: String::new(),
+        change,
+    });
+    let change = match event.change? {
+        C::MachineAdded(m) => B::MachineAdded(m),
+        C::MachineUpdated(m) => B::MachineUpdated(m),
+        C::MachineRemoved(m) => B::MachineRemoved(m),
+        C::RequiredImageSet(m) => B::RequiredImageSet(m),
+        C::PlannedImageSet(m) => B::PlannedImageSet(m),
+        _ => return None,
+    };
+    Some(pb::BatchedChange {
+        change: Some(change),
+    })
+}
+
+fn batched_from_pb(batched: pb::BatchedChange) -> Result<Change, EventError> {
+    use pb::batched_change::Change as B;
+    use pb::event::Change as C;
+    let change = match batched.change.ok_or(EventError::UnknownChange)? {
+        B::MachineAdded(m) => C::MachineAdded(m),
+        B::MachineUpdated(m) => C::MachineUpdated(m),
+        B::MachineRemoved(m) => C::MachineRemoved(m),
+        B::RequiredImageSet(m) => C::RequiredImageSet(m),
+        B::PlannedImageSet(m) => C::PlannedImageSet(m),
+    };
+    Ok(Event::try_from(pb::Event {
+        change: Some(change),
+        ..Default::default()
+    })?
+    .change)
 }
 
 impl From<Event> for pb::Event {
@@ -182,6 +225,9 @@ impl From<Event> for pb::Event {
             }
             Change::UpdatesHalted => C::UpdatesHalted(pb::UpdatesHalted {}),
             Change::UpdatesResumed => C::UpdatesResumed(pb::UpdatesResumed {}),
+            Change::Batch(changes) => C::Batch(pb::ChangeBatch {
+                changes: changes.into_iter().filter_map(batched_to_pb).collect(),
+            }),
         };
         pb::Event {
             actor: event.actor,
@@ -239,6 +285,13 @@ impl TryFrom<pb::Event> for Event {
             },
             C::UpdatesHalted(_) => Change::UpdatesHalted,
             C::UpdatesResumed(_) => Change::UpdatesResumed,
+            C::Batch(batch) => Change::Batch(
+                batch
+                    .changes
+                    .into_iter()
+                    .map(batched_from_pb)
+                    .collect::<Result<_, _>>()?,
+            ),
         };
         Ok(Event {
             actor: event.actor,
@@ -344,6 +397,21 @@ mod tests {
             ),
             ("updates_halted", event(Change::UpdatesHalted)),
             ("updates_resumed", event(Change::UpdatesResumed)),
+            (
+                "batch",
+                event(Change::Batch(vec![
+                    Change::MachineAdded {
+                        hostname: "web-03".into(),
+                        tags: BTreeMap::new(),
+                        required_image: Some("web/2026.11.01".into()),
+                        planned_image: None,
+                    },
+                    Change::PlannedImageSet {
+                        hostnames: vec!["web-01".into()],
+                        image: Some("web/2026.11.15".into()),
+                    },
+                ])),
+            ),
         ]
     }
 

@@ -99,6 +99,8 @@ pub enum Rejection {
     NotHalted,
     #[error("invalid image: {0}")]
     BadImage(String),
+    #[error("a batch may hold only machine changes, not {0}")]
+    BadBatch(&'static str),
 }
 
 impl Rejection {
@@ -148,6 +150,18 @@ fn canonical_image(name: &str) -> Result<(), Rejection> {
 }
 
 impl Change {
+    /// Whether this kind of change may stand inside a batch.
+    pub fn batchable(&self) -> bool {
+        matches!(
+            self,
+            Change::MachineAdded { .. }
+                | Change::MachineUpdated { .. }
+                | Change::MachineRemoved { .. }
+                | Change::RequiredImageSet { .. }
+                | Change::PlannedImageSet { .. }
+        )
+    }
+
     /// Rewrites the names in a change to their canonical form; used at the edge, before
     /// validation, so operators may type `Web-01` or `/web/1`.
     pub fn canonicalize(&mut self) -> Result<(), NameError> {
@@ -186,6 +200,7 @@ impl Change {
                 i.iter_mut().try_for_each(image)?;
             }
             Change::UpdatesHalted | Change::UpdatesResumed => {}
+            Change::Batch(changes) => changes.iter_mut().try_for_each(Change::canonicalize)?,
         }
         Ok(())
     }
@@ -350,12 +365,50 @@ impl FleetState {
                 .as_ref()
                 .map(|_| ())
                 .ok_or(Rejection::NotHalted),
+            Change::Batch(changes) => {
+                if let Some(c) = changes.iter().find(|c| !c.batchable()) {
+                    return Err(Rejection::BadBatch(c.kind()));
+                }
+                // Each change is checked against the state the earlier ones leave.
+                let mut scratch = self.clone();
+                changes.iter().try_for_each(|change| {
+                    let event = Event {
+                        actor: String::new(),
+                        time_unix_ms: 0,
+                        reason: String::new(),
+                        change: change.clone(),
+                    };
+                    scratch.apply_change(0, &event).map(|_| ())
+                })
+            }
         }
     }
 
     /// Applies `event` as journal record `index`: either changes the state and returns the
     /// records it touched, or refuses and changes nothing.
     pub fn apply(&mut self, index: u64, event: &Event) -> Result<Vec<Touched>, Rejection> {
+        self.apply_change(index, event)
+    }
+
+    fn apply_change(&mut self, index: u64, event: &Event) -> Result<Vec<Touched>, Rejection> {
+        if let Change::Batch(changes) = &event.change {
+            if let Some(c) = changes.iter().find(|c| !c.batchable()) {
+                return Err(Rejection::BadBatch(c.kind()));
+            }
+            let mut next = self.clone();
+            let mut touched = Vec::new();
+            for change in changes {
+                let inner = Event {
+                    change: change.clone(),
+                    ..event.clone()
+                };
+                touched.extend(next.apply_change(index, &inner)?);
+            }
+            *self = next;
+            touched.sort();
+            touched.dedup();
+            return Ok(touched);
+        }
         self.check(&event.change)?;
         let touched = match &event.change {
             Change::ImageAdded {
@@ -449,6 +502,8 @@ impl FleetState {
                 self.policy.halt = None;
                 vec![Touched::Policy]
             }
+            // Applied above, change by change.
+            Change::Batch(_) => Vec::new(),
         };
         Ok(touched)
     }
@@ -669,6 +724,44 @@ mod tests {
             }
         );
         assert!(add_machine("bad host", None).canonicalize().is_err());
+    }
+
+    #[test]
+    fn a_batch_applies_whole_or_not_at_all() {
+        let state = fold([add_image("web/1"), add_machine("web-01", None)]);
+        let mut after = state.clone();
+        let batch = Change::Batch(vec![
+            add_machine("web-02", Some("web/1")),
+            Change::RequiredImageSet {
+                hostnames: vec!["web-01".into(), "web-02".into()],
+                image: Some("web/1".into()),
+            },
+        ]);
+        let touched = after.apply(3, &event(batch)).unwrap();
+        assert_eq!(
+            touched,
+            vec![
+                Touched::Machine("web-01".into()),
+                Touched::Machine("web-02".into())
+            ]
+        );
+        assert_eq!(
+            after.machine("web-02").unwrap().required_image.as_deref(),
+            Some("web/1")
+        );
+        refused(
+            &state,
+            Change::Batch(vec![
+                add_machine("web-02", None),
+                add_machine("web-03", Some("web/9")),
+            ]),
+            Rejection::UnknownImage("web/9".into()),
+        );
+        refused(
+            &state,
+            Change::Batch(vec![Change::UpdatesHalted]),
+            Rejection::BadBatch("updates_halted"),
+        );
     }
 
     #[test]
