@@ -158,35 +158,6 @@ pub fn change_json(change: &Change) -> Value {
     }
 }
 
-fn names_machine(change: &Change, host: &str) -> bool {
-    match change {
-        Change::Batch(changes) => changes.iter().any(|c| names_machine(c, host)),
-        Change::MachineAdded { hostname, .. }
-        | Change::MachineUpdated { hostname, .. }
-        | Change::MachineRemoved { hostname } => hostname == host,
-        Change::RequiredImageSet { hostnames, .. } | Change::PlannedImageSet { hostnames, .. } => {
-            hostnames.iter().any(|h| h == host)
-        }
-        _ => false,
-    }
-}
-
-fn names_image(change: &Change, image: &str) -> bool {
-    match change {
-        Change::Batch(changes) => changes.iter().any(|c| names_image(c, image)),
-        Change::ImageAdded { name, .. } | Change::ImageDeleted { name } => name == image,
-        Change::MachineAdded {
-            required_image,
-            planned_image,
-            ..
-        } => required_image.as_deref() == Some(image) || planned_image.as_deref() == Some(image),
-        Change::RequiredImageSet { image: i, .. } | Change::PlannedImageSet { image: i, .. } => {
-            i.as_deref() == Some(image)
-        }
-        _ => false,
-    }
-}
-
 /// A filter made ready to test events.
 struct Matcher {
     machine: Option<String>,
@@ -222,11 +193,11 @@ impl Matcher {
     fn matches(&self, e: &Event) -> bool {
         self.machine
             .as_deref()
-            .is_none_or(|m| names_machine(&e.change, m))
+            .is_none_or(|m| e.change.machines_named().contains(&m))
             && self
                 .image
                 .as_deref()
-                .is_none_or(|i| names_image(&e.change, i))
+                .is_none_or(|i| e.change.images_named().contains(&i))
             && self.actor.as_deref().is_none_or(|a| e.actor == a)
             && self.kind.as_deref().is_none_or(|k| e.change.kind() == k)
             && self.since.is_none_or(|s| e.time_unix_ms >= s)
@@ -264,14 +235,14 @@ fn decode(index: u64, bytes: &[u8]) -> anyhow::Result<Event> {
 /// Streams records from the replica that answers (the leader, when one is known).
 async fn read_journal(
     ctx: &mut Context,
-    from: u64,
-    to: u64,
-    follow: bool,
+    request: pb::ReadJournalRequest,
 ) -> anyhow::Result<tonic::Streaming<pb::JournalRecord>> {
-    let request = pb::ReadJournalRequest { from, to, follow };
     Ok(ctx
         .cluster
-        .call(|c| async move { admin(c).read_journal(request).await })
+        .call(|c| {
+            let request = request.clone();
+            async move { admin(c).read_journal(request).await }
+        })
         .await?)
 }
 
@@ -320,7 +291,19 @@ async fn log(
     export: bool,
 ) -> anyhow::Result<()> {
     let matcher = Matcher::new(filters, ctx.actor.clone())?;
-    let mut stream = read_journal(ctx, 1, 0, follow).await?;
+    // The replica's audit index answers machine and image queries without a scan.
+    let request = pb::ReadJournalRequest {
+        from: 1,
+        follow,
+        machine: matcher.machine.clone().unwrap_or_default(),
+        image: if matcher.machine.is_none() {
+            matcher.image.clone().unwrap_or_default()
+        } else {
+            String::new()
+        },
+        ..Default::default()
+    };
+    let mut stream = read_journal(ctx, request).await?;
     let lines = export || follow;
     let mut collected = Vec::new();
     while let Some(record) = stream.next().await {
@@ -471,7 +454,12 @@ async fn replay(ctx: &mut Context, at: &str, data_dir: Option<&Path>) -> anyhow:
             }
         }
         None => {
-            let mut stream = read_journal(ctx, 1, stop_index.unwrap_or(0), false).await?;
+            let request = pb::ReadJournalRequest {
+                from: 1,
+                to: stop_index.unwrap_or(0),
+                ..Default::default()
+            };
+            let mut stream = read_journal(ctx, request).await?;
             while let Some(record) = stream.next().await {
                 let record =
                     record.map_err(|s| anyhow::anyhow!("reading the journal: {}", s.message()))?;
@@ -603,8 +591,7 @@ async fn verify(ctx: &mut Context, data_dir: Option<&Path>) -> anyhow::Result<()
             for member in status.members {
                 let request = pb::ReadJournalRequest {
                     from: 1,
-                    to: 0,
-                    follow: false,
+                    ..Default::default()
                 };
                 let stream = match admin(channel_to(&member.addr)?).read_journal(request).await {
                     Ok(s) => s.into_inner(),

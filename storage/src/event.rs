@@ -66,6 +66,42 @@ pub enum Change {
 }
 
 impl Change {
+    /// The machines this change names, for the audit index.
+    pub fn machines_named(&self) -> Vec<&str> {
+        match self {
+            Change::MachineAdded { hostname, .. }
+            | Change::MachineUpdated { hostname, .. }
+            | Change::MachineRemoved { hostname } => vec![hostname],
+            Change::RequiredImageSet { hostnames, .. }
+            | Change::PlannedImageSet { hostnames, .. } => {
+                hostnames.iter().map(String::as_str).collect()
+            }
+            Change::Batch(changes) => changes.iter().flat_map(Change::machines_named).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// The images this change names, for the audit index.
+    pub fn images_named(&self) -> Vec<&str> {
+        match self {
+            Change::ImageAdded { name, .. } | Change::ImageDeleted { name } => vec![name],
+            Change::MachineAdded {
+                required_image,
+                planned_image,
+                ..
+            } => required_image
+                .iter()
+                .chain(planned_image)
+                .map(String::as_str)
+                .collect(),
+            Change::RequiredImageSet { image, .. } | Change::PlannedImageSet { image, .. } => {
+                image.iter().map(String::as_str).collect()
+            }
+            Change::Batch(changes) => changes.iter().flat_map(Change::images_named).collect(),
+            _ => vec![],
+        }
+    }
+
     /// The stable name of this kind of change, as shown in the audit log.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -43,12 +43,18 @@ pub enum StateKey {
     Image(String),
     Policy,
     Journal(u64),
+    /// Audit index: the machine was named by journal record `u64`.
+    MachineEvent(String, u64),
+    /// Audit index: the image was named by journal record `u64`.
+    ImageEvent(String, u64),
 }
 
 impl StateKey {
     pub const MACHINE: u8 = 0x20;
     pub const IMAGE: u8 = 0x21;
     pub const JOURNAL: u8 = 0x30;
+    pub const MACHINE_EVENT: u8 = 0x40;
+    pub const IMAGE_EVENT: u8 = 0x41;
 
     pub fn encode(&self) -> Vec<u8> {
         let named = |prefix: u8, name: &str| {
@@ -67,12 +73,38 @@ impl StateKey {
             StateKey::Machine(name) => named(Self::MACHINE, name),
             StateKey::Image(name) => named(Self::IMAGE, name),
             StateKey::Journal(index) => index_key(Self::JOURNAL, *index),
+            StateKey::MachineEvent(name, index) => {
+                name_index_key(Self::MACHINE_EVENT, name, *index)
+            }
+            StateKey::ImageEvent(name, index) => name_index_key(Self::IMAGE_EVENT, name, *index),
         }
     }
 
     pub fn journal_index(key: &[u8]) -> Option<u64> {
         decode_index(Self::JOURNAL, key)
     }
+
+    /// The prefix under which every index key of one name lies, in journal order.
+    pub fn name_prefix(prefix: u8, name: &str) -> Vec<u8> {
+        let mut key = vec![prefix];
+        key.extend_from_slice(name.as_bytes());
+        key.push(0);
+        key
+    }
+
+    /// The journal index at the end of an index key.
+    pub fn indexed(key: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(
+            key.get(key.len().checked_sub(8)?..)?.try_into().ok()?,
+        ))
+    }
+}
+
+/// Names never hold a NUL byte, so `name NUL index` sorts by name, then by index.
+fn name_index_key(prefix: u8, name: &str, index: u64) -> Vec<u8> {
+    let mut key = StateKey::name_prefix(prefix, name);
+    key.extend_from_slice(&index.to_be_bytes());
+    key
 }
 
 fn index_key(prefix: u8, index: u64) -> Vec<u8> {
@@ -106,6 +138,17 @@ mod tests {
             Some(9)
         );
         assert_eq!(StateKey::journal_index(&LogKey::Entry(9).encode()), None);
+    }
+
+    #[test]
+    fn an_index_key_groups_by_name_then_journal_order() {
+        let a1 = StateKey::MachineEvent("web-1".into(), 7).encode();
+        let a2 = StateKey::MachineEvent("web-1".into(), 300).encode();
+        let b = StateKey::MachineEvent("web-10".into(), 1).encode();
+        assert!(a1 < a2 && a2 < b);
+        assert!(a1.starts_with(&StateKey::name_prefix(StateKey::MACHINE_EVENT, "web-1")));
+        assert!(!b.starts_with(&StateKey::name_prefix(StateKey::MACHINE_EVENT, "web-1")));
+        assert_eq!(StateKey::indexed(&a2), Some(300));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::types::{
 
 /// Version of the fleet records' encoding. The journal's encoding never changes, so records of
 /// an older version are rebuilt by folding the journal ([`rebuild_records`]).
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// What the state machine has applied, as one consistent view.
 #[derive(Debug, Clone, Default)]
@@ -132,10 +132,38 @@ fn load(tree: &sled::Tree) -> Result<Live, StoreError> {
     })
 }
 
-/// Replaces the fleet records with the fold of the journal, in one batch.
+/// Adds the audit index entries of journal record `index` to `batch`.
+fn index_event(batch: &mut sled::Batch, index: u64, event: &Event) {
+    for host in event.change.machines_named() {
+        batch.insert(
+            StateKey::MachineEvent(host.to_owned(), index).encode(),
+            &[][..],
+        );
+    }
+    for image in event.change.images_named() {
+        batch.insert(
+            StateKey::ImageEvent(image.to_owned(), index).encode(),
+            &[][..],
+        );
+    }
+}
+
+/// Replaces the fleet records and the audit index with what the journal says, in one batch.
 fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
     let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
     let mut state = FleetState::default();
+    let mut batch = sled::Batch::default();
+    // Removals first: within a batch the last write to a key wins.
+    for prefix in [
+        StateKey::MACHINE,
+        StateKey::IMAGE,
+        StateKey::MACHINE_EVENT,
+        StateKey::IMAGE_EVENT,
+    ] {
+        for item in tree.scan_prefix([prefix]) {
+            batch.remove(item?.0);
+        }
+    }
     let range =
         StateKey::Journal(1).encode()..StateKey::Journal(head.index.saturating_add(1)).encode();
     for item in tree.range(range) {
@@ -148,12 +176,7 @@ fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
         state
             .apply(index, &event)
             .map_err(|e| StoreError::corrupt(format!("journal record {index}"), e))?;
-    }
-    let mut batch = sled::Batch::default();
-    for prefix in [StateKey::MACHINE, StateKey::IMAGE] {
-        for item in tree.scan_prefix([prefix]) {
-            batch.remove(item?.0);
-        }
+        index_event(&mut batch, index, &event);
     }
     for (key, value) in all_records(&state) {
         batch.insert(key, value);
@@ -246,7 +269,10 @@ impl Shared {
                         Event::decode(&bytes.0)
                             .map_err(|e| e.to_string())
                             .and_then(|event| {
-                                live.state.apply(next, &event).map_err(|r| r.to_string())
+                                let touched =
+                                    live.state.apply(next, &event).map_err(|r| r.to_string())?;
+                                index_event(&mut batch, next, &event);
+                                Ok(touched)
                             });
                     match outcome {
                         Err(reason) => Applied::Refused(reason),
@@ -418,6 +444,12 @@ impl Shared {
                     let record: JournalRecord = decode("snapshot journal record", &value)?;
                     head = journal::verify(head, [(index, &record)])
                         .map_err(|e| StoreError::Snapshot(format!("journal in snapshot: {e}")))?;
+                    if index > local_head.index {
+                        let event = Event::decode(&record.event).map_err(|e| {
+                            StoreError::Snapshot(format!("journal record {index}: {e}"))
+                        })?;
+                        index_event(&mut journal_batch, index, &event);
+                    }
                     // Records above our head are invisible until the final batch moves the
                     // head, so they can be written in bounded chunks.
                     if index > local_head.index
@@ -648,5 +680,38 @@ impl FleetView {
 
     pub fn size_on_disk(&self) -> u64 {
         self.shared.durable.size_on_disk()
+    }
+
+    /// Journal indexes of the records that name a machine (`by_machine`) or an image, from the
+    /// audit index: no scan of the journal.
+    pub fn indexed(&self, by_machine: bool, name: &str) -> Result<Vec<u64>, StoreError> {
+        let prefix = if by_machine {
+            StateKey::MACHINE_EVENT
+        } else {
+            StateKey::IMAGE_EVENT
+        };
+        let head = self.journal_head().index;
+        let mut found = Vec::new();
+        for item in self
+            .shared
+            .tree
+            .scan_prefix(StateKey::name_prefix(prefix, name))
+        {
+            let (key, _) = item?;
+            match StateKey::indexed(&key) {
+                Some(index) if index <= head => found.push(index),
+                _ => {}
+            }
+        }
+        Ok(found)
+    }
+
+    /// One journal record.
+    pub fn journal_record(&self, index: u64) -> Result<Option<JournalRecord>, StoreError> {
+        self.shared
+            .tree
+            .get(StateKey::Journal(index).encode())?
+            .map(|v| decode("journal record", &v))
+            .transpose()
     }
 }

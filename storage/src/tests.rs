@@ -138,6 +138,12 @@ fn refused_events_change_nothing_and_are_not_journaled() {
             vec![(1, 1), (2, 4)]
         );
         assert_eq!(view.read(|l| l.state.machines().count()), 0);
+        assert_eq!(
+            view.indexed(true, "web-01").unwrap(),
+            vec![1, 2],
+            "refused events are not indexed"
+        );
+        assert_eq!(view.indexed(true, "web-0").unwrap(), Vec::<u64>::new());
     });
 }
 
@@ -183,6 +189,11 @@ fn a_snapshot_carries_the_whole_journal_to_an_empty_replica() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(journal(&follower_view), journal(&leader_view));
+        assert_eq!(
+            follower_view.indexed(true, "m7").unwrap(),
+            vec![6],
+            "the audit index came with the snapshot"
+        );
         drop((follower, follower_view, _follower_log));
 
         // And the installed state is what a restart loads.
@@ -281,5 +292,6 @@ fn records_of_an_older_format_are_rebuilt_from_the_journal() {
         }
         let (_log, sm) = crate::open(dir.path()).unwrap();
         assert_eq!(sm.view().read(|l| l.state.clone()), expected);
+        assert_eq!(sm.view().indexed(true, "web-02").unwrap(), vec![2]);
     });
 }
