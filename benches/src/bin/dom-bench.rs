@@ -28,6 +28,132 @@ enum Bench {
         #[arg(long, default_value_t = 40_000)]
         files: u64,
     },
+    /// Replay a generated journal (`audit replay --data-dir`), and answer `audit log --machine`
+    /// through the audit index beside a scan of the journal.
+    Replay {
+        /// Number of events in the generated journal.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+}
+
+/// Writes a journal of `events` events into a fresh replica data dir, through the state
+/// machine that replicas use: 10 images, a machine for every 20 events, the rest assignments.
+fn generate_journal(dir: &Path, events: u64) {
+    use dom_storage::event::{Change, Event};
+    use dom_storage::types::{Entry, EventBytes};
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let (_log, mut sm) = dom_storage::open(dir).expect("open store");
+        let machines = (events / 20).max(1);
+        let change = |i: u64| -> Change {
+            if i < 10 {
+                return Change::ImageAdded {
+                    name: format!("img/{i}"),
+                    root_hash: [i as u8; 32],
+                    files: 1,
+                    bytes: 1,
+                    manifest_hash: None,
+                    filter: vec![],
+                    triggers: vec![],
+                };
+            }
+            let n = i - 10;
+            if n < machines {
+                return Change::MachineAdded {
+                    hostname: format!("host-{n:07}"),
+                    tags: Default::default(),
+                    required_image: Some("img/0".into()),
+                    planned_image: None,
+                };
+            }
+            Change::RequiredImageSet { hostnames: vec![format!("host-{:07}", n % machines)], image: Some(format!("img/{}", n % 10)) }
+        };
+        let mut index = 0u64;
+        while index < events {
+            let batch: Vec<Entry> = (index..(index + 10_000).min(events))
+                .map(|i| {
+                    let event = Event { actor: "bench".into(), time_unix_ms: i as i64, reason: String::new(), change: change(i) };
+                    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1), payload: EntryPayload::Normal(EventBytes(event.encode())) }
+                })
+                .collect();
+            index += batch.len() as u64;
+            sm.apply(batch).await.expect("apply");
+        }
+        assert_eq!(sm.view().journal_head().index, events, "every generated event applied");
+    });
+}
+
+fn replay(events: u64) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("replica");
+    eprintln!("generating a journal of {events} events");
+    let started = Instant::now();
+    generate_journal(&dir, events);
+    let generate_s = started.elapsed().as_secs_f64();
+
+    // In process: read, decode and fold every record, as replay does.
+    let (_log, sm) = dom_storage::open(&dir).expect("open store");
+    let view = sm.view();
+    let started = Instant::now();
+    let mut state = dom_storage::fleet::FleetState::default();
+    for item in view.journal(1, u64::MAX) {
+        let (index, record) = item.expect("record");
+        let event = dom_storage::event::Event::decode(&record.event).expect("decode");
+        state.apply(index, &event).expect("apply");
+    }
+    let fold_s = started.elapsed().as_secs_f64();
+
+    // `audit log --machine`: the audit index beside a scan that decodes every record.
+    let host = format!("host-{:07}", (events / 20).max(1) / 2);
+    let started = Instant::now();
+    let indexed: Vec<u64> = view.indexed(true, &host).expect("index");
+    let records: Vec<_> = indexed.iter().map(|i| view.journal_record(*i).expect("record")).collect();
+    let indexed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let started = Instant::now();
+    let scanned: Vec<u64> = view
+        .journal(1, u64::MAX)
+        .filter_map(|item| {
+            let (index, record) = item.ok()?;
+            let event = dom_storage::event::Event::decode(&record.event).ok()?;
+            event.change.machines_named().contains(&host.as_str()).then_some(index)
+        })
+        .collect();
+    let scan_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(indexed, scanned, "the index and the scan disagree");
+    assert_eq!(records.len(), indexed.len());
+    drop((view, sm, _log));
+
+    // The real command, on the stopped replica's data dir (it replays a private copy).
+    let domadm = dom_tests::bin("domadm");
+    let started = Instant::now();
+    let out = Command::new(domadm)
+        .args(["audit", "replay", "--at", &events.to_string(), "--data-dir"])
+        .arg(&dir)
+        .args(["-o", "json"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run domadm");
+    assert!(out.success(), "audit replay failed");
+    let cli_s = started.elapsed().as_secs_f64();
+    let per_sec = |s: f64| (events as f64 / s).round();
+
+    println!("replay of a {events}-event journal (generated through the state machine in {generate_s:.1} s):");
+    println!("  fold in process (read, decode, apply):      {fold_s:.2} s, {} events/s", per_sec(fold_s));
+    println!("  domadm audit replay --data-dir (copy+fold): {cli_s:.2} s, {} events/s", per_sec(cli_s));
+    println!("  audit log --machine {host}: audit index {indexed_ms:.2} ms vs journal scan {scan_ms:.0} ms ({} events)", indexed.len());
+    let json = serde_json::json!({
+        "replay": {
+            "events": events,
+            "events_per_sec": per_sec(fold_s),
+            "cli_replay_events_per_sec": per_sec(cli_s),
+            "log_machine_indexed_ms": (indexed_ms * 100.0).round() / 100.0,
+            "log_machine_scan_ms": scan_ms.round(),
+        }
+    });
+    println!("{json}");
 }
 
 /// Writes `files` files totalling `bytes` under `root`, 200 to a directory, with content
@@ -133,5 +259,6 @@ fn ingest(bytes: u64, files: u64) {
 fn main() {
     match Cli::parse().command {
         Bench::Ingest { bytes, files } => ingest(bytes, files),
+        Bench::Replay { events } => replay(events),
     }
 }
