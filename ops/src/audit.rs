@@ -351,13 +351,20 @@ fn summary(event: &Value) -> String {
     let Some(map) = event.as_object() else {
         return String::new();
     };
+    if let Some(changes) = map.get("changes").and_then(Value::as_array) {
+        let parts: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{} {}", c["kind"].as_str().unwrap_or("?"), summary(c)))
+            .collect();
+        return format!("{} change(s): {}", changes.len(), parts.join("; "));
+    }
     map.iter()
         .filter(|(k, v)| {
             !v.is_null()
                 && v.as_object().is_none_or(|o| !o.is_empty())
                 && !matches!(
                     k.as_str(),
-                    "root_hash" | "manifest_hash" | "filter" | "triggers"
+                    "root_hash" | "manifest_hash" | "filter" | "triggers" | "kind"
                 )
         })
         .map(|(k, v)| match v {
