@@ -438,7 +438,9 @@ fn images_survive_a_leader_death_and_a_wiped_replica_refills() {
 
 #[test]
 fn garbage_collection_removes_exactly_what_no_live_image_references() {
-    let cluster = Cluster::start(3, &["--gc-interval-secs", "1", "--gc-grace-secs", "0"]);
+    // The grace period must outlast an upload until its image commits (with 0, a collection
+    // can fall between the two and the add fails, safely, asking for a re-upload).
+    let cluster = Cluster::start(3, &["--gc-interval-secs", "1", "--gc-grace-secs", "5"]);
     cluster.wait_leader(None);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
