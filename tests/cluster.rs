@@ -113,7 +113,7 @@ fn a_replica_behind_a_purged_log_catches_up_by_snapshot_and_holds_the_whole_jour
     let (lagging_head, lagging_records) = journal_of(&cluster, lagging);
     let (leader_head, leader_records) = journal_of(&cluster, leader);
     assert_eq!(lagging_head.index, 60);
-    assert_eq!(hex(&lagging_head.hash), head);
+    assert_eq!(hex::encode(lagging_head.hash), head);
     assert_eq!(lagging_head, leader_head);
     assert_eq!(lagging_records, leader_records, "journals differ");
 }
@@ -197,8 +197,4 @@ fn starting_twice_on_one_data_dir_fails_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another process"), "{stderr}");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

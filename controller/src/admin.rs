@@ -145,6 +145,7 @@ impl AdminService {
 
     /// An image is committed only if its manifest is well formed, matches the event's root
     /// hash and counts, and it and every object it names are on a majority of replicas.
+    /// Other changes have no objects and pass.
     async fn check_image_objects(&self, change: &Change) -> Result<(), Status> {
         let Change::ImageAdded {
             root_hash,
@@ -330,9 +331,7 @@ impl pb::admin_server::Admin for AdminService {
         self.view
             .read(|live| live.state.check(&event.change))
             .map_err(rejection_status)?;
-        if let Change::ImageAdded { .. } = &event.change {
-            self.check_image_objects(&event.change).await?;
-        }
+        self.check_image_objects(&event.change).await?;
         event.time_unix_ms = now_unix_ms();
         let written = self
             .raft

@@ -44,14 +44,10 @@ fn hashes_from(list: Vec<Vec<u8>>) -> Result<Vec<Hash>, Status> {
     list.iter()
         .map(|h| {
             parse_hash(h).ok_or_else(|| {
-                Status::invalid_argument(format!("{} is not a 32-byte hash", hex_or(h)))
+                Status::invalid_argument(format!("{} is not a 32-byte hash", hex::encode(h)))
             })
         })
         .collect()
-}
-
-fn hex_or(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Stores a stream of back-to-back objects; shared by the gRPC service and peer pulls.

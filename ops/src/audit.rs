@@ -109,10 +109,6 @@ pub fn parse_time(text: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
     Ok((now.unix_timestamp() - seconds) * 1000)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The event's own fields as JSON: part of the output contract, so spelled out here.
 pub fn change_json(change: &Change) -> Value {
     let opt = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
@@ -126,8 +122,8 @@ pub fn change_json(change: &Change) -> Value {
             filter,
             triggers,
         } => json!({
-            "name": name, "root_hash": hex(root_hash), "files": files, "bytes": bytes,
-            "manifest_hash": manifest_hash.map(|h| hex(&h)), "filter": filter, "triggers": triggers,
+            "name": name, "root_hash": hex::encode(root_hash), "files": files, "bytes": bytes,
+            "manifest_hash": manifest_hash.map(hex::encode), "filter": filter, "triggers": triggers,
         }),
         Change::ImageDeleted { name } => json!({ "name": name }),
         Change::MachineAdded {
@@ -224,7 +220,7 @@ fn log_record(index: u64, hash: &[u8], event: &Event) -> LogRecord {
         reason: event.reason.clone(),
         kind: event.change.kind(),
         event: change_json(&event.change),
-        hash: hex(hash),
+        hash: hex::encode(hash),
     }
 }
 
@@ -586,7 +582,7 @@ async fn verify(ctx: &mut Context, data_dir: Option<&Path>) -> anyhow::Result<()
             replicas.push(ReplicaHead {
                 id: 0,
                 head_index: head.index,
-                head_hash: hex(&head.hash),
+                head_hash: hex::encode(head.hash),
             });
             chains.insert(0, hashes);
         }
@@ -634,7 +630,7 @@ async fn verify(ctx: &mut Context, data_dir: Option<&Path>) -> anyhow::Result<()
                 replicas.push(ReplicaHead {
                     id: member.id,
                     head_index: head.index,
-                    head_hash: hex(&head.hash),
+                    head_hash: hex::encode(head.hash),
                 });
                 chains.insert(member.id, hashes);
             }

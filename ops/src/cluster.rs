@@ -64,7 +64,7 @@ impl ClusterCommand {
                             last_log_index: m.last_log_index,
                             applied_index: m.applied_index,
                             journal_index: m.journal_index,
-                            journal_hash: hex(&m.journal_hash),
+                            journal_hash: hex::encode(&m.journal_hash),
                             snapshot_index: m.snapshot_index,
                             purged_index: m.purged_index,
                             storage_bytes: m.storage_bytes,
@@ -107,8 +107,4 @@ impl ClusterCommand {
             }
         }
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -75,12 +75,12 @@ impl From<pb::Image> for Image {
     fn from(i: pb::Image) -> Self {
         Image {
             name: i.name,
-            root_hash: to_hex_vec(&i.root_hash),
+            root_hash: hex::encode(&i.root_hash),
             files: i.files,
             bytes: i.bytes,
             created_at: rfc3339(i.created_at_unix_ms),
             deleted: i.deleted,
-            manifest_hash: to_hex_vec(&i.manifest_hash),
+            manifest_hash: hex::encode(&i.manifest_hash),
             filter: i.filter,
             triggers: i.triggers.into_iter().map(trigger_from_pb).collect(),
         }
@@ -91,12 +91,12 @@ impl From<&dom_storage::fleet::Image> for Image {
     fn from(i: &dom_storage::fleet::Image) -> Self {
         Image {
             name: i.name.clone(),
-            root_hash: to_hex_vec(&i.root_hash),
+            root_hash: hex::encode(i.root_hash),
             files: i.files,
             bytes: i.bytes,
             created_at: rfc3339(i.created_at_unix_ms),
             deleted: i.deleted_at.is_some(),
-            manifest_hash: i.manifest_hash.map(|h| to_hex_vec(&h)).unwrap_or_default(),
+            manifest_hash: i.manifest_hash.map(hex::encode).unwrap_or_default(),
             filter: i.filter.clone(),
             triggers: i.triggers.clone(),
         }
@@ -129,13 +129,10 @@ pub fn print_images(format: output::Format, list: &[Image]) -> anyhow::Result<()
     )
 }
 
-fn to_hex_vec(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
+/// A byte progress bar on a terminal (hidden otherwise); `len` may be learned later.
+fn progress(len: Option<u64>, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
-        Some(len),
+        len,
         if std::io::stderr().is_terminal() {
             ProgressDrawTarget::stderr()
         } else {
@@ -395,8 +392,8 @@ async fn add(
     let spool = tempfile::Builder::new()
         .prefix("domadm-ingest-")
         .tempdir()?;
-    let source_bytes = source_size(source);
-    let bar = progress(source_bytes, "hashing");
+    // The directory reader sets the total once its walk knows it; an archive's is unknown.
+    let bar = progress(None, "hashing");
     let source_owned = source.to_owned();
     let filter_owned = filter.clone();
     let spool_path = spool.path().to_owned();
@@ -452,7 +449,7 @@ async fn add(
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    let bar = progress(upload_bytes, "uploading");
+    let bar = progress(Some(upload_bytes), "uploading");
     let uploads: Vec<(Hash, PathBuf)> = missing
         .iter()
         .filter_map(|h| contents.get(h).map(|p| (*h, p.clone())))
@@ -530,20 +527,6 @@ async fn add(
     .await
 }
 
-fn source_size(source: &Path) -> u64 {
-    if source.is_dir() {
-        walkdir::WalkDir::new(source)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-            .sum()
-    } else {
-        std::fs::metadata(source).map(|m| m.len()).unwrap_or(0)
-    }
-}
-
 /// Writes `manifest` under `dir`. Paths were checked when the manifest was built (absolute,
 /// no `..`, nothing under a symlink), and every file is created new, so nothing is written
 /// outside `dir`.
@@ -556,7 +539,7 @@ async fn materialize(ctx: &mut Context, manifest: &Manifest, dir: &Path) -> anyh
     let as_root = unsafe { libc::geteuid() } == 0;
     let local = |path: &str| dir.join(path.trim_start_matches('/'));
     let mut written: std::collections::HashMap<Hash, PathBuf> = std::collections::HashMap::new();
-    let bar = progress(manifest.bytes(), "writing");
+    let bar = progress(Some(manifest.bytes()), "writing");
     for entry in manifest.entries() {
         let target = local(&entry.path);
         match entry.kind {

@@ -209,6 +209,7 @@ fn read_directory(
 ) -> anyhow::Result<Ingested> {
     let mut entries = Vec::new();
     let mut files: Vec<(usize, PathBuf)> = Vec::new();
+    let mut total = 0u64;
     let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
     let mut filtered = 0;
     let mut walk = walkdir::WalkDir::new(root)
@@ -254,6 +255,7 @@ fn read_directory(
                 inodes.insert((meta.dev(), meta.ino()), path.clone());
             }
             files.push((entries.len(), item.path().to_owned()));
+            total += meta.len();
             Entry::file(&path, mode, uid, gid, 0, [0; 32])
         } else {
             bail!(
@@ -262,6 +264,7 @@ fn read_directory(
         };
         entries.push(entry);
     }
+    progress.set_length(total);
     let hashed: Vec<anyhow::Result<(usize, Hash, u64)>> = files
         .par_iter()
         .map(|(index, file)| {

@@ -184,7 +184,7 @@ pub async fn commit(ctx: &mut Context, change: Change, done: &str) -> anyhow::Re
     let committed = Committed {
         journal_index: reply.journal_index,
         log_index: reply.log_index,
-        hash: crate::cluster::hex(&reply.journal_hash),
+        hash: hex::encode(&reply.journal_hash),
         time: output::rfc3339(reply.time_unix_ms),
     };
     match ctx.output {
