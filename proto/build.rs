@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dom/v1/events.proto",
         "dom/v1/raft.proto",
         "dom/v1/admin.proto",
+        "dom/v1/agent.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod log_store;
 pub mod names;
 pub mod objects;
+pub mod plan;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;

@@ -17,7 +17,7 @@ pub enum Kind {
     HardLink,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Absolute, normalized: `/`, `/etc`, `/etc/passwd`.
     pub path: String,
@@ -316,7 +316,7 @@ fn canonical_hard_links(entries: &mut [Entry]) {
     }
 }
 
-fn entry_to_pb(e: &Entry) -> pb::ManifestEntry {
+pub fn entry_to_pb(e: &Entry) -> pb::ManifestEntry {
     let kind = match e.kind {
         Kind::File => pb::EntryKind::File,
         Kind::Directory => pb::EntryKind::Directory,
@@ -339,7 +339,7 @@ fn entry_to_pb(e: &Entry) -> pb::ManifestEntry {
     }
 }
 
-fn entry_from_pb(e: pb::ManifestEntry) -> Result<Entry, ManifestError> {
+pub fn entry_from_pb(e: pb::ManifestEntry) -> Result<Entry, ManifestError> {
     let kind = match pb::EntryKind::try_from(e.kind) {
         Ok(pb::EntryKind::File) => Kind::File,
         Ok(pb::EntryKind::Directory) => Kind::Directory,

@@ -14,5 +14,7 @@ mod triggers;
 
 pub use diff::{diff, Difference};
 pub use filter::{Filter, FilterError};
-pub use manifest::{normalize_path, tree_cmp, Entry, Kind, Manifest, ManifestError};
+pub use manifest::{
+    entry_from_pb, entry_to_pb, normalize_path, tree_cmp, Entry, Kind, Manifest, ManifestError,
+};
 pub use triggers::{parse_triggers, Trigger, TriggerError};

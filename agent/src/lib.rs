@@ -1,0 +1,5 @@
+//! subd, the agent on each machine: it scans the machine's tree, describes it to the leader as
+//! a difference from an image, fetches objects and applies updates nearly atomically.
+
+pub mod scan;
+pub mod update;

@@ -1,0 +1,1 @@
+//! The update applier (being written).
