@@ -30,6 +30,19 @@ pub struct AdminService {
     pub raft: Raft,
     pub view: FleetView,
     pub objects: ObjectStore,
+    pub reconciler: std::sync::Arc<crate::agents::Reconciler>,
+}
+
+/// The current leader's id and address, as this replica knows them.
+pub(crate) fn leader_of(raft: &Raft) -> Option<(NodeId, String)> {
+    let metrics = raft.metrics().borrow().clone();
+    let leader = metrics.current_leader?;
+    let addr = metrics
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.addr.clone())?;
+    Some((leader, addr))
 }
 
 /// gRPC metadata key marking an UNAVAILABLE answer from a live replica (as opposed to a
@@ -45,7 +58,7 @@ fn retry_later(message: String) -> Status {
     status
 }
 
-fn not_leader(leader: Option<(NodeId, String)>) -> Status {
+pub(crate) fn not_leader(leader: Option<(NodeId, String)>) -> Status {
     match leader {
         Some((id, addr)) => {
             let mut status = retry_later(format!(
@@ -110,14 +123,7 @@ fn now_unix_ms() -> i64 {
 
 impl AdminService {
     fn leader(&self) -> Option<(NodeId, String)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
-        let addr = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())?;
-        Some((leader, addr))
+        leader_of(&self.raft)
     }
 
     /// Waits until this replica, as the leader, has applied everything committed before now.
@@ -393,6 +399,25 @@ impl pb::admin_server::Admin for AdminService {
                 applied_index: live.last_applied.map(|l| l.index).unwrap_or(0),
             }
         })))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        // Soft state lives on the leader; confirming leadership keeps a deposed leader from
+        // answering with what it knew before.
+        self.linearizable().await?;
+        let host = request.into_inner().hostname;
+        let only = if host.is_empty() {
+            None
+        } else {
+            Some(
+                dom_storage::names::canonical_hostname(&host)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )
+        };
+        Ok(Response::new(self.reconciler.status(only.as_deref())?))
     }
 
     async fn cluster_status(

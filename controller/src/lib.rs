@@ -9,7 +9,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod agents;
 pub mod network;
 pub mod objects;
 pub mod raft_wire;
+pub mod reconcile;
 pub mod replica;

@@ -16,8 +16,10 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminService;
+use crate::agents::{AgentService, Reconciler};
 use crate::network::{Network, RaftService};
 use crate::objects::{Maintenance, ObjectsService};
+use dom_proto::v1::agent_server::AgentServer;
 use dom_proto::v1::objects_server::ObjectsServer;
 use dom_storage::objects::ObjectStore;
 
@@ -172,11 +174,25 @@ pub async fn run(
         gc_grace: config.gc_grace,
     });
     let maintenance_task = tokio::spawn(maintenance.run());
+    let peers: BTreeMap<NodeId, String> = config
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != config.id)
+        .map(|(i, a)| (*i, a.clone()))
+        .collect();
+    let reconciler = Reconciler::new(
+        config.id,
+        raft.clone(),
+        view.clone(),
+        objects.clone(),
+        peers,
+    );
     let admin = AdminService {
         id: config.id,
         raft: raft.clone(),
         view,
         objects: objects.clone(),
+        reconciler: reconciler.clone(),
     };
     const MAX_MESSAGE: usize = 64 << 20;
     let server = tonic::transport::Server::builder()
@@ -186,6 +202,11 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(AdminServer::new(admin))
+        .add_service(
+            AgentServer::new(AgentService { reconciler })
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
         .add_service(
             ObjectsServer::new(ObjectsService { store: objects })
                 .max_decoding_message_size(MAX_MESSAGE)

@@ -1,0 +1,854 @@
+//! The leader's side of the agent stream, and the reconciler that drives each machine.
+//!
+//! Every `subd` holds one `Agent.Sync` stream to the leader. A session per stream keeps the
+//! machine's soft state ([`MachineView`]: the agent's base image and delta, the work in
+//! flight, retry back-off, drift) and wakes when the agent reports, when the log changes (a
+//! new required image, a halt) or when a back-off ends. It then asks the pure
+//! [`reconcile::decide`] what to do and carries it out: plan (compose the base manifest with
+//! the agent's delta against the required image), fetch, update, or rebase.
+//!
+//! The leader holds no machine's whole tree: a compliant machine is a base image name and an
+//! empty delta. Manifests and image-to-image transitions are loaded once and shared by every
+//! session. Soft state is leader-local: after a failover the agents reconnect to the new
+//! leader and describe themselves again, and their last update's outcome comes with them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dom_proto::v1 as pb;
+use dom_storage::event::Hash;
+use dom_storage::image::{entry_from_pb, entry_to_pb, normalize_path, Entry, Filter, Manifest};
+use dom_storage::names::canonical_hostname;
+use dom_storage::objects::ObjectStore;
+use dom_storage::plan::{self, Plan, Step, Target, Transition};
+use dom_storage::state_machine::FleetView;
+use dom_storage::types::{NodeId, Raft};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::admin::{leader_of, not_leader};
+use crate::objects::load_manifest;
+use crate::reconcile::{self, Decision, MachineView, Outcome, UpdateSummary, Work};
+
+/// Steps per Update message, so a whole-image plan never makes one huge message.
+const STEPS_PER_PAGE: usize = 5_000;
+/// How long an agent may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+const MANIFEST_CACHE: usize = 16;
+const TRANSITION_CACHE: usize = 64;
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A small map that forgets an arbitrary entry when full: manifests and transitions are
+/// cheap to rebuild and few are live at once.
+struct Cache<K, V> {
+    map: HashMap<K, Arc<V>>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Cache<K, V> {
+    fn new(capacity: usize) -> Self {
+        Cache {
+            map: HashMap::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<Arc<V>> {
+        self.map.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: K, value: Arc<V>) {
+        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
+            if let Some(victim) = self.map.keys().next().cloned() {
+                self.map.remove(&victim);
+            }
+        }
+        self.map.insert(key, value);
+    }
+}
+
+/// The leader's reconciler: soft state for every machine, and the shared caches.
+pub struct Reconciler {
+    id: NodeId,
+    raft: Raft,
+    view: FleetView,
+    objects: ObjectStore,
+    peers: std::collections::BTreeMap<NodeId, String>,
+    machines: Mutex<HashMap<String, MachineView>>,
+    /// The newest session per hostname; an older one for the same machine stops.
+    sessions: Mutex<HashMap<String, u64>>,
+    manifests: Mutex<Cache<Hash, Manifest>>,
+    transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
+    next_session: AtomicU64,
+    next_plan: AtomicU64,
+}
+
+/// An image as a plan target: its manifest and what it leaves alone.
+struct TargetImage {
+    name: String,
+    manifest_hash: Hash,
+    manifest: Arc<Manifest>,
+    filter: Filter,
+    triggers: Vec<dom_storage::image::Trigger>,
+}
+
+impl Reconciler {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        view: FleetView,
+        objects: ObjectStore,
+        peers: std::collections::BTreeMap<NodeId, String>,
+    ) -> Arc<Reconciler> {
+        Arc::new(Reconciler {
+            id,
+            raft,
+            view,
+            objects,
+            peers,
+            machines: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(Cache::new(MANIFEST_CACHE)),
+            transitions: Mutex::new(Cache::new(TRANSITION_CACHE)),
+            next_session: AtomicU64::new(1),
+            next_plan: AtomicU64::new(1),
+        })
+    }
+
+    fn machines(&self) -> std::sync::MutexGuard<'_, HashMap<String, MachineView>> {
+        self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of one machine's soft state (default when this leader has never seen it).
+    pub fn machine(&self, hostname: &str) -> MachineView {
+        self.machines().get(hostname).cloned().unwrap_or_default()
+    }
+
+    fn with_machine<T>(&self, hostname: &str, f: impl FnOnce(&mut MachineView) -> T) -> T {
+        f(self.machines().entry(hostname.to_owned()).or_default())
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Plan ids carry the term, so an outcome reported to a later leader is never mistaken
+    /// for one of its own plans.
+    fn plan_id(&self) -> u64 {
+        let term = self.raft.metrics().borrow().current_term;
+        (term << 32) | (self.next_plan.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff)
+    }
+
+    async fn manifest(&self, hash: &Hash) -> Result<Arc<Manifest>, Status> {
+        if let Some(m) = self
+            .manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash)
+        {
+            return Ok(m);
+        }
+        let manifest = Arc::new(load_manifest(&self.objects, &self.peers, hash).await?);
+        self.manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*hash, manifest.clone());
+        Ok(manifest)
+    }
+
+    fn transition(
+        &self,
+        base: Option<(&Hash, &Manifest)>,
+        target: (&Hash, &Manifest),
+    ) -> Arc<Transition> {
+        let key = (base.map(|(h, _)| *h), *target.0);
+        let mut cache = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(&key) {
+            return t;
+        }
+        let t = Arc::new(Transition::new(base.map(|(_, m)| m), target.1));
+        cache.insert(key, t.clone());
+        t
+    }
+
+    /// The live image `name` with its manifest, or None when it is unknown, deleted or has
+    /// no manifest.
+    async fn target_image(&self, name: &str) -> Result<Option<TargetImage>, Status> {
+        let Some(image) = self
+            .view
+            .read(|l| l.state.image(name).cloned())
+            .filter(|i| i.deleted_at.is_none())
+        else {
+            return Ok(None);
+        };
+        let Some(manifest_hash) = image.manifest_hash else {
+            return Ok(None);
+        };
+        let filter =
+            Filter::new(image.filter.clone()).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Some(TargetImage {
+            name: image.name,
+            manifest_hash,
+            manifest: self.manifest(&manifest_hash).await?,
+            filter,
+            triggers: image.triggers,
+        }))
+    }
+
+    /// Every machine of the fleet with its soft state, for `domadm status`.
+    pub fn status(&self, only: Option<&str>) -> Result<pb::StatusResponse, Status> {
+        let (machines, halt) = self.view.read(|l| {
+            let machines: Vec<_> = l
+                .state
+                .machines()
+                .filter(|m| only.is_none_or(|h| m.hostname == h))
+                .cloned()
+                .collect();
+            (machines, l.state.policy().halt.clone())
+        });
+        if let Some(host) = only {
+            if machines.is_empty() {
+                return Err(Status::not_found(format!(
+                    "machine {host} is not in the fleet"
+                )));
+            }
+        }
+        let now = now_unix_ms();
+        let soft = self.machines();
+        let machines = machines
+            .into_iter()
+            .map(|m| {
+                let default = MachineView::default();
+                let v = soft.get(&m.hostname).unwrap_or(&default);
+                machine_status(&m, v, halt.is_some(), now)
+            })
+            .collect();
+        Ok(pb::StatusResponse {
+            machines,
+            halted: halt.is_some(),
+            halt_reason: halt.map(|h| h.reason).unwrap_or_default(),
+            leader: self.id,
+        })
+    }
+}
+
+fn machine_status(
+    m: &dom_storage::fleet::Machine,
+    v: &MachineView,
+    halted: bool,
+    now: i64,
+) -> pb::MachineStatus {
+    let required = m.required_image.as_deref();
+    let (objects_done, objects_total, bytes_done, bytes_total) = match &v.work {
+        Work::Fetching {
+            objects_done,
+            objects_total,
+            bytes_done,
+            bytes_total,
+            ..
+        } => (*objects_done, *objects_total, *bytes_done, *bytes_total),
+        _ => (0, 0, 0, 0),
+    };
+    let state = v.state(required, now);
+    let detail = match (&v.work, required) {
+        (Work::Fetching { image, .. }, _) => format!("fetching {image}"),
+        (Work::Updating { image, .. }, _) => format!("updating to {image}"),
+        (Work::Rebasing { image }, _) => format!("matches {image}; re-describing against it"),
+        (Work::Idle, Some(req)) if state != "compliant" && v.connected => {
+            match v.retries.get(req) {
+                Some(r) if r.not_before_ms > now => format!(
+                    "{} failed attempt(s) on {req}; next in {}s",
+                    r.failures,
+                    (r.not_before_ms - now + 999) / 1000
+                ),
+                _ if halted => "updates are halted".to_owned(),
+                _ if !v.complete => "agent is describing the machine".to_owned(),
+                _ => String::new(),
+            }
+        }
+        (_, None) => "no required image".to_owned(),
+        _ => String::new(),
+    };
+    pb::MachineStatus {
+        hostname: m.hostname.clone(),
+        required_image: m.required_image.clone().unwrap_or_default(),
+        planned_image: m.planned_image.clone().unwrap_or_default(),
+        active_image: v.base_image.clone().unwrap_or_default(),
+        state: state.to_owned(),
+        last_seen_unix_ms: v.last_seen_unix_ms,
+        deviations: v.delta.len() as u64,
+        last_update: v.last_update.as_ref().map(|u| pb::LastUpdate {
+            image: u.image.clone(),
+            outcome: u.outcome.as_str().to_owned(),
+            error: u.error.clone(),
+            duration_ms: u.duration_ms,
+            activation_ms: u.activation_ms,
+            finished_unix_ms: u.finished_unix_ms,
+            steps: u.steps,
+            services: u.services.clone(),
+        }),
+        drift: v
+            .drift
+            .iter()
+            .map(|d| pb::Drift {
+                path: d.path.clone(),
+                first_seen_unix_ms: d.first_seen_unix_ms,
+                corrected: d.corrected,
+            })
+            .collect(),
+        connected: v.connected,
+        detail,
+        fetch_objects_done: objects_done,
+        fetch_objects_total: objects_total,
+        fetch_bytes_done: bytes_done,
+        fetch_bytes_total: bytes_total,
+        root_hash: if v.complete {
+            v.root_hash.to_vec()
+        } else {
+            Vec::new()
+        },
+        generation: v.generation,
+        swept: v.swept,
+    }
+}
+
+fn summary_from_pb(r: &pb::UpdateResult) -> UpdateSummary {
+    let outcome = match pb::UpdateOutcome::try_from(r.outcome) {
+        Ok(pb::UpdateOutcome::Applied) => Outcome::Applied,
+        Ok(pb::UpdateOutcome::RolledBack) => Outcome::RolledBack,
+        Ok(pb::UpdateOutcome::Refused) => Outcome::Refused,
+        _ => Outcome::Failed,
+    };
+    UpdateSummary {
+        plan_id: r.plan_id,
+        image: r.image.clone(),
+        outcome,
+        error: r.error.clone(),
+        duration_ms: r.duration_ms,
+        activation_ms: r.activation_ms,
+        finished_unix_ms: r.finished_unix_ms,
+        steps: r.steps,
+        services: r.services.clone(),
+    }
+}
+
+/// An entry from the agent, checked like any input from the network.
+fn checked_entry(e: pb::ManifestEntry) -> Result<Entry, Status> {
+    let entry = entry_from_pb(e).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    checked_path(&entry.path)?;
+    Ok(entry)
+}
+
+fn checked_path(path: &str) -> Result<(), Status> {
+    match normalize_path(path) {
+        Ok(p) if p == path => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "path {path:?} is not a normalized absolute path"
+        ))),
+    }
+}
+
+fn step_to_pb(step: &Step) -> pb::Step {
+    let (kind, entry) = match step {
+        Step::Write(e) => (pb::StepKind::Write, entry_to_pb(e)),
+        Step::Metadata(e) => (pb::StepKind::Metadata, entry_to_pb(e)),
+        Step::Delete(path) => (
+            pb::StepKind::Delete,
+            pb::ManifestEntry {
+                path: path.clone(),
+                ..Default::default()
+            },
+        ),
+    };
+    pb::Step {
+        kind: kind as i32,
+        entry: Some(entry),
+    }
+}
+
+type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+
+/// A plan the session has started: fetched first, then sent as an update.
+struct Pending {
+    plan_id: u64,
+    plan: Plan,
+    generation: u64,
+    manifest_hash: Hash,
+}
+
+struct Session {
+    reconciler: Arc<Reconciler>,
+    hostname: String,
+    id: u64,
+    out: Outbound,
+    pending: Option<Pending>,
+    wait_until: Option<i64>,
+}
+
+async fn send(out: &Outbound, body: pb::controller_message::Body) -> Result<(), ()> {
+    out.send(Ok(pb::ControllerMessage { body: Some(body) }))
+        .await
+        .map_err(|_| ())
+}
+
+impl Session {
+    fn current(&self) -> bool {
+        self.reconciler
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.hostname)
+            == Some(&self.id)
+    }
+
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+        let r = self.reconciler.clone();
+        let mut applied = r.view.subscribe();
+        let mut metrics = r.raft.metrics();
+        let end: Result<(), Status> = loop {
+            if !self.current() {
+                break Err(Status::aborted(
+                    "a newer connection from this machine replaced this one",
+                ));
+            }
+            let sleep = match self.wait_until {
+                Some(t) => Duration::from_millis((t - now_unix_ms()).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Err(status) = self.handle(message).await {
+                            break Err(status);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(status) => {
+                        tracing::debug!(host = %self.hostname, "agent stream ended: {status}");
+                        break Ok(());
+                    }
+                },
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        break Err(Status::unavailable("replica is stopping"));
+                    }
+                    if r.view.read(|l| l.state.machine(&self.hostname).is_none()) {
+                        break Err(Status::not_found(format!(
+                            "machine {} was removed from the fleet", self.hostname
+                        )));
+                    }
+                }
+                changed = metrics.changed() => {
+                    if changed.is_err() || !r.is_leader() {
+                        break Err(not_leader(leader_of(&r.raft)));
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(sleep) => {
+                    self.wait_until = None;
+                }
+            }
+            if let Err(status) = self.reconcile().await {
+                break Err(status);
+            }
+        };
+        if let Err(status) = end {
+            let _ = self.out.send(Err(status)).await;
+        }
+        if self.current() {
+            r.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.hostname);
+            r.with_machine(&self.hostname, |v| {
+                v.connected = false;
+                v.last_seen_unix_ms = now_unix_ms();
+                // An update in flight finishes on the agent, which reports it when it
+                // reconnects; a fetch is resumed by the next plan.
+                v.work = Work::Idle;
+                v.complete = false;
+            });
+        }
+        tracing::info!(host = %self.hostname, "agent disconnected");
+    }
+
+    async fn handle(&mut self, message: pb::AgentMessage) -> Result<(), Status> {
+        let now = now_unix_ms();
+        let r = self.reconciler.clone();
+        use pb::agent_message::Body;
+        match message.body {
+            Some(Body::State(page)) => {
+                let differs = page
+                    .differs
+                    .into_iter()
+                    .map(checked_entry)
+                    .collect::<Result<Vec<_>, _>>()?;
+                for p in page.missing.iter().chain(&page.matches) {
+                    checked_path(p)?;
+                }
+                let required = r.view.read(|l| {
+                    l.state
+                        .machine(&self.hostname)
+                        .and_then(|m| m.required_image.clone())
+                });
+                let root_hash: Option<Hash> = page.root_hash.as_slice().try_into().ok();
+                r.with_machine(&self.hostname, |v| {
+                    let was_compliant = required.as_deref().is_some_and(|q| v.compliant_with(q));
+                    v.last_seen_unix_ms = now;
+                    let began =
+                        reconcile::apply_page(v, page.reset, differs, page.missing, page.matches);
+                    v.generation = page.generation;
+                    v.base_image = (!page.base_image.is_empty()).then_some(page.base_image);
+                    v.swept = page.swept;
+                    if let Some(h) = root_hash {
+                        v.root_hash = h;
+                    }
+                    if page.reset {
+                        v.complete = false;
+                    }
+                    if page.complete {
+                        v.complete = true;
+                    }
+                    if was_compliant && !page.reset && !began.is_empty() {
+                        tracing::warn!(host = %self.hostname, paths = ?began, "drift: files changed behind the system's back");
+                        v.note_drift(began, now);
+                    }
+                    if let Work::Rebasing { image } = &v.work {
+                        if v.complete && v.base_image.as_deref() == Some(image.as_str()) {
+                            v.work = Work::Idle;
+                        }
+                    }
+                    if v.on_base() && v.base_image.is_some() && v.base_image == required {
+                        v.drift_corrected();
+                    }
+                });
+            }
+            Some(Body::FetchProgress(p)) => {
+                let Some(pending) = self.pending.as_ref().filter(|x| x.plan_id == p.plan_id) else {
+                    return Ok(());
+                };
+                let image = pending.plan.image.clone();
+                if !p.error.is_empty() {
+                    tracing::warn!(host = %self.hostname, %image, "fetch failed: {}", p.error);
+                    self.pending = None;
+                    r.with_machine(&self.hostname, |v| {
+                        v.finished(
+                            UpdateSummary {
+                                plan_id: p.plan_id,
+                                image,
+                                outcome: Outcome::Failed,
+                                error: format!("fetch: {}", p.error),
+                                duration_ms: 0,
+                                activation_ms: 0,
+                                finished_unix_ms: now,
+                                steps: 0,
+                                services: vec![],
+                            },
+                            now,
+                        )
+                    });
+                    return Ok(());
+                }
+                r.with_machine(&self.hostname, |v| {
+                    v.last_seen_unix_ms = now;
+                    v.work = Work::Fetching {
+                        plan_id: p.plan_id,
+                        image: image.clone(),
+                        objects_done: p.objects_done,
+                        objects_total: p.objects_total,
+                        bytes_done: p.bytes_done,
+                        bytes_total: p.bytes_total,
+                    };
+                });
+                if p.done {
+                    self.start_update().await?;
+                }
+            }
+            Some(Body::UpdateResult(result)) => {
+                let summary = summary_from_pb(&result);
+                tracing::info!(host = %self.hostname, image = %summary.image, outcome = summary.outcome.as_str(), error = %summary.error, ms = summary.duration_ms, "update finished");
+                if self.pending.as_ref().map(|p| p.plan_id) == Some(result.plan_id) {
+                    self.pending = None;
+                }
+                r.with_machine(&self.hostname, |v| {
+                    v.finished(summary, now);
+                    // The agent describes itself afresh after an update.
+                    v.complete = false;
+                });
+            }
+            Some(Body::Hello(_)) => {
+                return Err(Status::invalid_argument("hello sent twice"));
+            }
+            None => return Err(Status::invalid_argument("empty agent message")),
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self) -> Result<(), Status> {
+        let r = self.reconciler.clone();
+        let (required, halted) = r.view.read(|l| {
+            (
+                l.state
+                    .machine(&self.hostname)
+                    .and_then(|m| m.required_image.clone()),
+                l.state.policy().halt.is_some(),
+            )
+        });
+        let now = now_unix_ms();
+        let view = r.machine(&self.hostname);
+        match reconcile::decide(&view, required.as_deref(), halted, now) {
+            Decision::Nothing | Decision::Halted => Ok(()),
+            Decision::WaitUntil(t) => {
+                self.wait_until = Some(t);
+                Ok(())
+            }
+            Decision::Rebase(image) => self.rebase(&image).await,
+            Decision::Plan(image) => self.start_plan(&image, &view).await,
+        }
+    }
+
+    async fn rebase(&mut self, image: &str) -> Result<(), Status> {
+        let r = self.reconciler.clone();
+        let Some(target) = r.target_image(image).await? else {
+            return Ok(());
+        };
+        r.with_machine(&self.hostname, |v| {
+            v.work = Work::Rebasing {
+                image: image.to_owned(),
+            }
+        });
+        send(
+            &self.out,
+            pb::controller_message::Body::Rebase(pb::Rebase {
+                image: image.to_owned(),
+                manifest_hash: target.manifest_hash.to_vec(),
+            }),
+        )
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))
+    }
+
+    async fn start_plan(&mut self, image: &str, view: &MachineView) -> Result<(), Status> {
+        let r = self.reconciler.clone();
+        let Some(target) = r.target_image(image).await? else {
+            tracing::warn!(host = %self.hostname, %image, "required image is missing, deleted or has no manifest");
+            return Ok(());
+        };
+        // The base as the agent holds it; if it is gone (deleted and collected), ask the agent
+        // to describe itself against the target instead.
+        let base = match view.base_image.as_deref() {
+            None => None,
+            Some(name) => match r.target_image(name).await {
+                Ok(Some(b)) => Some(b),
+                _ => return self.rebase(image).await,
+            },
+        };
+        let transition = r.transition(
+            base.as_ref()
+                .map(|b| (&b.manifest_hash, b.manifest.as_ref())),
+            (&target.manifest_hash, &target.manifest),
+        );
+        let plan = plan::plan(
+            &Target {
+                name: &target.name,
+                manifest: &target.manifest,
+                filter: &target.filter,
+                triggers: &target.triggers,
+            },
+            base.as_ref().map(|b| b.manifest.as_ref()),
+            &transition,
+            &view.delta,
+            &view.excluded,
+        );
+        if plan.is_empty() {
+            return self.rebase(image).await;
+        }
+        let plan_id = r.plan_id();
+        let mut objects: Vec<pb::ObjectRef> = plan
+            .objects()
+            .into_iter()
+            .map(|(hash, size)| pb::ObjectRef {
+                hash: hash.to_vec(),
+                size,
+            })
+            .collect();
+        // The agent needs the manifest too: it is its base once the update succeeds.
+        let manifest_size = tokio::fs::metadata(r.objects.path(&target.manifest_hash))
+            .await
+            .map(|m| m.len())
+            .map_err(|e| Status::internal(format!("manifest object: {e}")))?;
+        objects.push(pb::ObjectRef {
+            hash: target.manifest_hash.to_vec(),
+            size: manifest_size,
+        });
+        let bytes_total = objects.iter().map(|o| o.size).sum();
+        let objects_total = objects.len() as u64;
+        tracing::info!(host = %self.hostname, %image, plan_id, steps = plan.steps.len(), objects = objects_total, "planned");
+        r.with_machine(&self.hostname, |v| {
+            v.work = Work::Fetching {
+                plan_id,
+                image: image.to_owned(),
+                objects_done: 0,
+                objects_total,
+                bytes_done: 0,
+                bytes_total,
+            }
+        });
+        self.pending = Some(Pending {
+            plan_id,
+            plan,
+            generation: view.generation,
+            manifest_hash: target.manifest_hash,
+        });
+        send(
+            &self.out,
+            pb::controller_message::Body::Fetch(pb::Fetch {
+                plan_id,
+                image: image.to_owned(),
+                objects,
+                bytes_per_sec: 0,
+            }),
+        )
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))
+    }
+
+    async fn start_update(&mut self) -> Result<(), Status> {
+        let r = self.reconciler.clone();
+        let Some(pending) = self.pending.as_ref() else {
+            return Ok(());
+        };
+        let halted = r.view.read(|l| l.state.policy().halt.is_some());
+        let required = r.view.read(|l| {
+            l.state
+                .machine(&self.hostname)
+                .and_then(|m| m.required_image.clone())
+        });
+        // The fleet may have moved on while the objects came: a new required image or a halt
+        // makes this plan moot.
+        if halted || required.as_deref() != Some(pending.plan.image.as_str()) {
+            self.pending = None;
+            r.with_machine(&self.hostname, |v| v.work = Work::Idle);
+            return Ok(());
+        }
+        r.with_machine(&self.hostname, |v| {
+            v.work = Work::Updating {
+                plan_id: pending.plan_id,
+                image: pending.plan.image.clone(),
+                started_unix_ms: now_unix_ms(),
+            }
+        });
+        let triggers: Vec<pb::Trigger> = pending
+            .plan
+            .triggers
+            .iter()
+            .cloned()
+            .map(dom_storage::event::trigger_to_pb)
+            .collect();
+        let pages: Vec<&[Step]> = pending.plan.steps.chunks(STEPS_PER_PAGE).collect();
+        let last = pages.len().saturating_sub(1);
+        for (i, page) in pages.into_iter().enumerate() {
+            send(
+                &self.out,
+                pb::controller_message::Body::Update(pb::Update {
+                    plan_id: pending.plan_id,
+                    image: pending.plan.image.clone(),
+                    generation: pending.generation,
+                    steps: page.iter().map(step_to_pb).collect(),
+                    triggers: if i == 0 { triggers.clone() } else { vec![] },
+                    complete: i == last,
+                    manifest_hash: pending.manifest_hash.to_vec(),
+                }),
+            )
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The Agent gRPC service.
+pub struct AgentService {
+    pub reconciler: Arc<Reconciler>,
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    type SyncStream = ReceiverStream<Result<pb::ControllerMessage, Status>>;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let r = self.reconciler.clone();
+        if !r.is_leader() {
+            return Err(not_leader(leader_of(&r.raft)));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Hello(hello)),
+            }))) => hello,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no hello from the agent")),
+            _ => return Err(Status::invalid_argument("an agent must start with hello")),
+        };
+        let hostname = canonical_hostname(&hello.hostname)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.view.read(|l| l.state.machine(&hostname).is_none()) {
+            tracing::warn!(host = %hostname, "refused an agent for a machine not in the fleet");
+            return Err(Status::not_found(format!(
+                "machine {hostname} is not in the fleet; add it with `domadm machine add {hostname}`"
+            )));
+        }
+        let excluded = Filter::new(hello.excluded.clone())
+            .map_err(|e| Status::invalid_argument(format!("agent exclusions: {e}")))?;
+        let id = r.next_session.fetch_add(1, Ordering::Relaxed);
+        r.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hostname.clone(), id);
+        let now = now_unix_ms();
+        r.with_machine(&hostname, |v| {
+            v.connected = true;
+            v.last_seen_unix_ms = now;
+            v.excluded = excluded;
+            v.complete = false;
+            v.work = Work::Idle;
+            if let Some(last) = &hello.last_update {
+                // The agent's own record decides what happened to an update in flight
+                // during a failover: recorded once, never re-run blindly.
+                if v.last_update.as_ref().map(|u| u.plan_id) != Some(last.plan_id) {
+                    let finished_at = last.finished_unix_ms;
+                    v.finished(summary_from_pb(last), finished_at);
+                }
+            }
+        });
+        tracing::info!(host = %hostname, version = %hello.agent_version, "agent connected");
+        let (out, rx) = mpsc::channel(16);
+        let _ = send(
+            &out,
+            pb::controller_message::Body::Welcome(pb::Welcome { leader_id: r.id }),
+        )
+        .await;
+        let session = Session {
+            reconciler: r,
+            hostname,
+            id,
+            out,
+            pending: None,
+            wait_until: None,
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
