@@ -28,6 +28,19 @@ enum Bench {
         #[arg(long, default_value_t = 40_000)]
         files: u64,
     },
+    /// Apply an update of generated files with the agent's Updater, measuring the activation
+    /// window (first service stop to last start) beside writing each file in place.
+    Update {
+        /// Number of files the update replaces.
+        #[arg(long, default_value_t = 1000)]
+        files: usize,
+        /// Bytes per file.
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Runs of each contender; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Replay a generated journal (`audit replay --data-dir`), and answer `audit log --machine`
     /// through the audit index beside a scan of the journal.
     Replay {
@@ -284,9 +297,155 @@ fn ingest(bytes: u64, files: u64) {
     println!("{json}");
 }
 
+/// The activation window of an update of `files` files, side by side in one run: dom's
+/// Updater (content staged and synced before the services stop, then renamed into place) and
+/// the naive way (stop, open/truncate/write each file in place, start). Both restart one
+/// service through the same no-op command, so the difference is the file work in between.
+fn update(files: usize, size: usize, runs: usize) {
+    use dom_agent::update::{Outcome, Services, UpdateRequest, Updater};
+    use dom_storage::image::{Entry, Filter, Trigger};
+    use dom_storage::objects::ObjectStore;
+    use dom_storage::plan::Step;
+    use std::os::unix::fs::MetadataExt;
+
+    let runs = runs.max(1);
+    let work = tempfile::tempdir().expect("temp dir");
+    let (root, state) = (work.path().join("root"), work.path().join("state"));
+    std::fs::create_dir_all(&state).expect("state dir");
+    let me = std::fs::metadata(work.path()).expect("temp dir metadata");
+    let (uid, gid) = (me.uid(), me.gid());
+    let content = |version: &str, i: usize| {
+        let mut data = format!("{version} version of file {i}\n").into_bytes();
+        data.resize(size.max(data.len()), b'#');
+        data
+    };
+    let rel = |i: usize| format!("d{:02}/f{i:05}", i / 200);
+
+    // The object cache holds every new version, as the fetch step leaves it.
+    let store = ObjectStore::open(&state.join("objects")).expect("object store");
+    let mut steps = Vec::with_capacity(files);
+    let mut new_versions = Vec::with_capacity(files);
+    for i in 0..files {
+        let data = content("new", i);
+        let hash = *blake3::hash(&data).as_bytes();
+        let object = store.path(&hash);
+        std::fs::create_dir_all(object.parent().expect("fan-out dir")).expect("object dir");
+        std::fs::write(&object, &data).expect("write object");
+        let entry = Entry::file(
+            &format!("/{}", rel(i)),
+            0o644,
+            uid,
+            gid,
+            data.len() as u64,
+            hash,
+        );
+        steps.push(Step::Write(entry));
+        new_versions.push(data);
+    }
+    let trigger = Trigger {
+        match_lines: vec!["/d.*".into()],
+        service: "bench".into(),
+        do_reload: false,
+        do_reboot: false,
+        high_impact: false,
+    };
+    let services = Services {
+        service_cmd: "true".into(),
+        health_cmd: None,
+        reboot_cmd: None,
+    };
+    let old_tree = || {
+        let _ = std::fs::remove_dir_all(&root);
+        for i in 0..files {
+            let path = root.join(rel(i));
+            if i % 200 == 0 {
+                std::fs::create_dir_all(path.parent().expect("dir")).expect("tree dir");
+            }
+            std::fs::write(&path, content("old", i)).expect("old file");
+        }
+        // Both contenders start from a clean page cache state.
+        let _ = Command::new("sync").status();
+    };
+    let service = |action: &str| {
+        let ok = Command::new("true")
+            .args(["bench", action])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "service command failed");
+    };
+    let check_new = || {
+        for i in [0, files / 2, files - 1] {
+            let got = std::fs::read(root.join(rel(i))).expect("read back");
+            assert!(got == new_versions[i], "file {i} is not the new version");
+        }
+    };
+
+    let (mut dom, mut dom_total, mut in_place) = (Vec::new(), Vec::new(), Vec::new());
+    eprintln!("{runs} runs of each, alternating");
+    for run in 0..runs {
+        old_tree();
+        let updater = Updater::new(&root, &state, services.clone()).expect("updater");
+        let request = UpdateRequest {
+            plan_id: run as u64 + 1,
+            image: "bench".into(),
+            steps: steps.clone(),
+            triggers: vec![trigger.clone()],
+        };
+        let report = updater.apply(&request, &Filter::empty());
+        assert_eq!(report.outcome, Outcome::Applied, "{:?}", report.error);
+        check_new();
+        dom.push(report.activation.as_secs_f64() * 1000.0);
+        dom_total.push(report.duration.as_secs_f64() * 1000.0);
+
+        old_tree();
+        let start = Instant::now();
+        service("stop");
+        for (i, data) in new_versions.iter().enumerate() {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(root.join(rel(i)))
+                .expect("open in place");
+            file.write_all(data).expect("write in place");
+        }
+        service("start");
+        in_place.push(start.elapsed().as_secs_f64() * 1000.0);
+        check_new();
+    }
+
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        (round(v[v.len() / 2]), round(v[0]), round(v[v.len() - 1]))
+    };
+    let (dom_ms, dom_min, dom_max) = stats(dom);
+    let (total_ms, _, _) = stats(dom_total);
+    let (naive_ms, naive_min, naive_max) = stats(in_place);
+    println!(
+        "update of {files} files of {size} bytes, one restarted service (`true bench stop|start`), median of {runs} runs:"
+    );
+    println!(
+        "  dom Updater, stop -> rename staged files into place -> fsync dirs -> start: {dom_ms} ms (min {dom_min}, max {dom_max})"
+    );
+    println!(
+        "    whole update, staging, copy-verify and syncfs before the window included:  {total_ms} ms"
+    );
+    println!(
+        "  in place, stop -> open/truncate/write each file (no fsync) -> start:         {naive_ms} ms (min {naive_min}, max {naive_max})"
+    );
+    let json = serde_json::json!({
+        "bench": "update",
+        "files": files,
+        "dom_activation_ms": dom_ms,
+        "in_place_activation_ms": naive_ms,
+    });
+    println!("{json}");
+}
+
 fn main() {
     match Cli::parse().command {
         Bench::Ingest { bytes, files } => ingest(bytes, files),
         Bench::Replay { events } => replay(events),
+        Bench::Update { files, size, runs } => update(files, size, runs),
     }
 }
