@@ -4,20 +4,19 @@
 //! stay inside the tree, nothing may lie under a symlink, hard links must name files of the
 //! tree, names must be UTF-8, special files are refused, and a truncated or corrupt archive is
 //! an error. Archive contents are spooled to a temporary directory while they are hashed, so
-//! they are read once and never held in memory whole; directory contents are hashed in
-//! parallel where they lie.
+//! they are read once and never held in memory whole; a directory is read by the agent's
+//! scanner (`dom_agent::scan`), strict, its contents hashed in parallel where they lie.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
+use dom_agent::scan::{scan_with_progress, Progress, ScanConfig};
 use dom_storage::event::Hash;
-use dom_storage::image::{normalize_path, Entry, Filter, Manifest};
+use dom_storage::image::{normalize_path, Entry, Filter, Kind, Manifest};
 use indicatif::ProgressBar;
-use rayon::prelude::*;
 
 /// An image read from its source: the manifest and where each object's bytes are.
 pub struct Ingested {
@@ -28,22 +27,6 @@ pub struct Ingested {
 }
 
 const BUFFER: usize = 1 << 20;
-
-fn hash_file(path: &Path) -> std::io::Result<(Hash, u64)> {
-    let mut reader = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; BUFFER];
-    let mut size = 0u64;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((*hasher.finalize().as_bytes(), size))
-}
 
 fn utf8(raw: &[u8], what: &str) -> anyhow::Result<String> {
     String::from_utf8(raw.to_vec()).map_err(|_| {
@@ -202,87 +185,35 @@ fn read_archive(
     })
 }
 
+/// A directory is read by the agent's scanner in strict mode, so an image and a machine
+/// scanned by its agent give the same entries, and the same root, for the same tree.
 fn read_directory(
     root: &Path,
     filter: &Filter,
     progress: &ProgressBar,
 ) -> anyhow::Result<Ingested> {
-    let mut entries = Vec::new();
-    let mut files: Vec<(usize, PathBuf)> = Vec::new();
-    let mut total = 0u64;
-    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
-    let mut filtered = 0;
-    let mut walk = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter();
-    while let Some(item) = walk.next() {
-        let item = item.with_context(|| format!("walking {}", root.display()))?;
-        let rel = item
-            .path()
-            .strip_prefix(root)
-            .context("walked outside the source")?;
-        let rel = utf8(rel.as_os_str().as_encoded_bytes(), "path")?;
-        let path = normalize_path(&rel)?;
-        if path != "/" && filter.excludes(&path) {
-            filtered += 1;
-            if item.file_type().is_dir() {
-                walk.skip_current_dir();
-            }
-            continue;
-        }
-        let meta = item
-            .metadata()
-            .with_context(|| format!("reading {}", item.path().display()))?;
-        let (mode, uid, gid) = (meta.mode() & 0o7777, meta.uid(), meta.gid());
-        let kind = item.file_type();
-        let entry = if kind.is_dir() {
-            Entry::directory(&path, mode, uid, gid)
-        } else if kind.is_symlink() {
-            let target = std::fs::read_link(item.path())?;
-            Entry::symlink(
-                &path,
-                uid,
-                gid,
-                &utf8(target.as_os_str().as_encoded_bytes(), "symlink target")?,
-            )
-        } else if kind.is_file() {
-            if meta.nlink() > 1 {
-                if let Some(first) = inodes.get(&(meta.dev(), meta.ino())) {
-                    entries.push(Entry::hard_link(&path, first));
-                    continue;
-                }
-                inodes.insert((meta.dev(), meta.ino()), path.clone());
-            }
-            files.push((entries.len(), item.path().to_owned()));
-            total += meta.len();
-            Entry::file(&path, mode, uid, gid, 0, [0; 32])
-        } else {
-            bail!(
-                "{path} is a device node, FIFO or socket; images hold files, directories and links"
-            );
-        };
-        entries.push(entry);
-    }
-    progress.set_length(total);
-    let hashed: Vec<anyhow::Result<(usize, Hash, u64)>> = files
-        .par_iter()
-        .map(|(index, file)| {
-            let (hash, size) =
-                hash_file(file).with_context(|| format!("reading {}", file.display()))?;
-            progress.inc(size);
-            Ok((*index, hash, size))
-        })
-        .collect();
+    let config = ScanConfig {
+        root: root.to_owned(),
+        excluded: filter.clone(),
+        bytes_per_sec: None,
+        one_file_system: false,
+        strict: true,
+    };
+    let report = |p: Progress| match p {
+        Progress::Walked { bytes, .. } => progress.set_length(bytes),
+        Progress::Read(n) => progress.inc(n),
+    };
+    let tree = scan_with_progress(&config, None, true, &report)?;
+    let filtered = tree.excluded();
+    let manifest = tree.into_manifest();
     let mut contents = HashMap::new();
-    for ((_, file), result) in files.into_iter().zip(hashed) {
-        let (index, hash, size) = result?;
-        entries[index].hash = hash;
-        entries[index].size = size;
-        contents.entry(hash).or_insert(file);
+    for entry in manifest.entries().iter().filter(|e| e.kind == Kind::File) {
+        contents
+            .entry(entry.hash)
+            .or_insert_with(|| root.join(&entry.path[1..]));
     }
     Ok(Ingested {
-        manifest: Manifest::new(entries)?,
+        manifest,
         contents,
         filtered,
     })
@@ -316,6 +247,101 @@ mod tests {
         let spool = dir.path().join("spool");
         std::fs::create_dir(&spool).unwrap();
         read_source(&path, &Filter::empty(), &spool, &ProgressBar::hidden())
+    }
+
+    /// A tree with every kind of entry, hard links among them.
+    fn make_tree(root: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(root.join("etc/ssh")).unwrap();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(root.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n").unwrap();
+        std::fs::hard_link(root.join("etc/passwd"), root.join("etc/passwd-")).unwrap();
+        std::fs::hard_link(root.join("etc/passwd"), root.join("etc/apasswd")).unwrap();
+        std::fs::write(root.join("etc/ssh/sshd_config"), b"Port 22\n").unwrap();
+        std::fs::set_permissions(
+            root.join("etc/ssh/sshd_config"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(root.join("usr/bin/tool"), vec![3u8; 3 << 20]).unwrap();
+        std::fs::write(root.join("usr/bin/same"), vec![3u8; 3 << 20]).unwrap();
+        std::os::unix::fs::symlink("../../etc/passwd", root.join("usr/bin/pw")).unwrap();
+    }
+
+    #[test]
+    fn a_directory_reads_as_its_tar_archive_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        make_tree(&tree);
+        let from_dir = read_source(&tree, &Filter::empty(), dir.path(), &ProgressBar::hidden())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        // GNU tar keeps hard links, which the tar crate's builder does not.
+        let archive = dir.path().join("tree.tar");
+        let status = std::process::Command::new("tar")
+            .args(["--numeric-owner", "-C"])
+            .arg(&tree)
+            .arg("-cf")
+            .arg(&archive)
+            .arg(".")
+            .status();
+        let Ok(status) = status else {
+            eprintln!("no tar on PATH: comparison skipped");
+            return;
+        };
+        assert!(status.success());
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let from_tar = read_source(&archive, &Filter::empty(), &spool, &ProgressBar::hidden())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(from_dir.manifest.entries(), from_tar.manifest.entries());
+        assert_eq!(from_dir.manifest.root_hash(), from_tar.manifest.root_hash());
+        // One path for each distinct content, inside the tree, holding that content.
+        assert_eq!(from_dir.contents.len(), 3);
+        for (hash, path) in &from_dir.contents {
+            assert!(path.starts_with(&tree));
+            assert_eq!(blake3::hash(&std::fs::read(path).unwrap()).as_bytes(), hash);
+        }
+    }
+
+    #[test]
+    fn a_directory_is_filtered_and_its_progress_reaches_the_total() {
+        let dir = tempfile::tempdir().unwrap();
+        make_tree(dir.path());
+        let filter = Filter::new(vec!["/usr/bin/.*".into()]).unwrap();
+        let bar = ProgressBar::hidden();
+        let read = read_source(dir.path(), &filter, dir.path(), &bar).unwrap();
+        assert_eq!(read.filtered, 3);
+        assert!(read.manifest.get("/usr/bin").is_some());
+        assert!(read.manifest.get("/usr/bin/tool").is_none());
+        assert_eq!(bar.length(), Some(read.manifest.bytes()));
+        assert_eq!(bar.position(), read.manifest.bytes());
+    }
+
+    #[test]
+    fn a_fifo_in_a_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        make_tree(dir.path());
+        let fifo = std::ffi::CString::new(
+            dir.path()
+                .join("etc/fifo")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let error = read_source(
+            dir.path(),
+            &Filter::empty(),
+            dir.path(),
+            &ProgressBar::hidden(),
+        )
+        .err()
+        .expect("a FIFO is refused");
+        assert_eq!(
+            format!("{error:#}"),
+            "/etc/fifo is a device node, FIFO or socket; images hold files, directories and links"
+        );
     }
 
     #[test]

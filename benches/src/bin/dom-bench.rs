@@ -28,6 +28,19 @@ enum Bench {
         #[arg(long, default_value_t = 40_000)]
         files: u64,
     },
+    /// Scan a generated tree with the agent's scanner (a full checksum sweep, no rate limit),
+    /// beside `b3sum --num-threads 2` and `sha512sum` over the same files.
+    Scan {
+        /// Total bytes of the generated tree.
+        #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+        bytes: u64,
+        /// Number of files.
+        #[arg(long, default_value_t = 40_000)]
+        files: u64,
+        /// Timed runs of each contender; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Apply an update of generated files with the agent's Updater, measuring the activation
     /// window (first service stop to last start) beside writing each file in place.
     Update {
@@ -297,6 +310,131 @@ fn ingest(bytes: u64, files: u64) {
     println!("{json}");
 }
 
+/// `1G`, `512M`, `64K` or a plain number of bytes (binary multiples).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.chars().last() {
+        Some('K' | 'k') => (&text[..text.len() - 1], 10),
+        Some('M' | 'm') => (&text[..text.len() - 1], 20),
+        Some('G' | 'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size like 1G, 512M or 4096"))
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Seconds for `find ROOT -type f -print0 | xargs -0 TOOL... > /dev/null`: xargs packs as
+/// many paths into each command as the argument limit allows, so a few processes are started
+/// for the whole tree, not one per file.
+fn time_tool(root: &Path, tool: &str) -> Option<f64> {
+    let start = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "find '{}' -type f -print0 | xargs -0 {tool} > /dev/null",
+            root.display()
+        ))
+        .status()
+        .ok()?;
+    status.success().then(|| start.elapsed().as_secs_f64())
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn scan(bytes: u64, files: u64, runs: usize) {
+    use dom_agent::scan::{scan, ScanConfig};
+    let runs = runs.max(1);
+    let work = tempfile::tempdir().expect("temp dir");
+    let tree = work.path().join("tree");
+    eprintln!("generating {files} files, {bytes} bytes");
+    generate(&tree, bytes, files).expect("generate tree");
+    let real_bytes = bytes / files.max(1) * files;
+    let config = ScanConfig {
+        root: tree.clone(),
+        excluded: dom_storage::image::Filter::empty(),
+        bytes_per_sec: None,
+        one_file_system: true,
+        strict: true,
+    };
+    // Untimed: the tree was just written, but read it once so every contender starts from a
+    // warm page cache and the figures compare hashing and file handling, not the disk.
+    let warm = scan(&config, None, true).expect("scan");
+    assert_eq!(warm.bytes_read(), real_bytes, "the scan read every byte");
+    assert_eq!(warm.files_read(), files, "the scan read every file");
+
+    let mut dom_times = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let tree = scan(&config, None, true).expect("scan");
+        dom_times.push(start.elapsed().as_secs_f64());
+        assert_eq!(tree.root_hash(), warm.root_hash());
+    }
+    let dom = median(dom_times);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut missing = Vec::new();
+    let mut baseline = |tool: &str, args: &str| -> Option<f64> {
+        if !on_path(tool) {
+            eprintln!("{tool} is not on PATH: baseline skipped");
+            missing.push(tool.to_owned());
+            return None;
+        }
+        let times: Option<Vec<f64>> = (0..runs)
+            .map(|_| time_tool(&tree, &format!("{tool} {args}")))
+            .collect();
+        times.map(median)
+    };
+    let b3sum = baseline("b3sum", "--num-threads 2");
+    let sha512sum = baseline("sha512sum", "");
+
+    let line = |name: &str, secs: Option<f64>| match secs {
+        Some(secs) => println!(
+            "  {name:<44} {secs:>6.3} s, {:>7.1} MB/s",
+            mb_s(real_bytes, secs)
+        ),
+        None => println!("  {name:<44} not measured (not on PATH)"),
+    };
+    println!(
+        "scan of {files} files, {real_bytes} bytes, page cache warm (read once untimed first), \
+         median of {runs} runs, {cores} cores:"
+    );
+    line("dom scan (full checksum sweep, no rate limit)", Some(dom));
+    line("find | xargs b3sum --num-threads 2", b3sum);
+    line("find | xargs sha512sum (one thread)", sha512sum);
+    if let Some(b3) = b3sum {
+        println!("  dom / b3sum: {:.2}x", b3 / dom);
+    }
+    if let Some(sha) = sha512sum {
+        println!("  dom / sha512sum: {:.2}x", sha / dom);
+    }
+    let mut json = serde_json::json!({
+        "bench": "scan",
+        "bytes": real_bytes,
+        "files": files,
+        "dom_mb_s": mb_s(real_bytes, dom),
+        "b3sum_mb_s": b3sum.map(|s| mb_s(real_bytes, s)),
+        "sha512sum_mb_s": sha512sum.map(|s| mb_s(real_bytes, s)),
+    });
+    if !missing.is_empty() {
+        json["note"] = format!("not on PATH, not measured: {}", missing.join(", ")).into();
+    }
+    println!("{json}");
+}
+
 /// The activation window of an update of `files` files, side by side in one run: dom's
 /// Updater (content staged and synced before the services stop, then renamed into place) and
 /// the naive way (stop, open/truncate/write each file in place, start). Both restart one
@@ -445,6 +583,7 @@ fn update(files: usize, size: usize, runs: usize) {
 fn main() {
     match Cli::parse().command {
         Bench::Ingest { bytes, files } => ingest(bytes, files),
+        Bench::Scan { bytes, files, runs } => scan(bytes, files, runs),
         Bench::Replay { events } => replay(events),
         Bench::Update { files, size, runs } => update(files, size, runs),
     }
