@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dom_proto::v1 as pb;
 use dom_storage::event::Hash;
-use dom_storage::image::{entry_from_pb, entry_to_pb, normalize_path, Entry, Filter, Manifest};
+use dom_storage::image::{entry_from_pb, entry_to_pb, is_normalized, Entry, Filter, Manifest};
 use dom_storage::names::canonical_hostname;
 use dom_storage::objects::ObjectStore;
 use dom_storage::plan::{self, Plan, Step, Target, Transition};
@@ -349,11 +349,12 @@ fn checked_entry(e: pb::ManifestEntry) -> Result<Entry, Status> {
 }
 
 fn checked_path(path: &str) -> Result<(), Status> {
-    match normalize_path(path) {
-        Ok(p) if p == path => Ok(()),
-        _ => Err(Status::invalid_argument(format!(
+    if is_normalized(path) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
             "path {path:?} is not a normalized absolute path"
-        ))),
+        )))
     }
 }
 
@@ -383,6 +384,7 @@ struct Pending {
     plan: Plan,
     generation: u64,
     manifest_hash: Hash,
+    filter: Vec<String>,
 }
 
 struct Session {
@@ -621,6 +623,10 @@ impl Session {
         let Some(target) = r.target_image(image).await? else {
             return Ok(());
         };
+        let manifest_size = tokio::fs::metadata(r.objects.path(&target.manifest_hash))
+            .await
+            .map(|m| m.len())
+            .map_err(|e| Status::internal(format!("manifest object: {e}")))?;
         r.with_machine(&self.hostname, |v| {
             v.work = Work::Rebasing {
                 image: image.to_owned(),
@@ -631,6 +637,8 @@ impl Session {
             pb::controller_message::Body::Rebase(pb::Rebase {
                 image: image.to_owned(),
                 manifest_hash: target.manifest_hash.to_vec(),
+                filter: target.filter.lines().to_vec(),
+                manifest_size,
             }),
         )
         .await
@@ -670,6 +678,11 @@ impl Session {
             &view.excluded,
         );
         if plan.is_empty() {
+            if view.base_image.as_deref() == Some(image) {
+                // Only paths the image or the agent leaves alone differ: nothing to do, and
+                // re-describing would change nothing.
+                return Ok(());
+            }
             return self.rebase(image).await;
         }
         let plan_id = r.plan_id();
@@ -708,6 +721,7 @@ impl Session {
             plan,
             generation: view.generation,
             manifest_hash: target.manifest_hash,
+            filter: target.filter.lines().to_vec(),
         });
         send(
             &self.out,
@@ -767,6 +781,7 @@ impl Session {
                     triggers: if i == 0 { triggers.clone() } else { vec![] },
                     complete: i == last,
                     manifest_hash: pending.manifest_hash.to_vec(),
+                    filter: pending.filter.clone(),
                 }),
             )
             .await

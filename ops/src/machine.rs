@@ -348,12 +348,24 @@ impl MachineCommand {
                     })
                     .await?
                     .into();
+                let status = crate::status::one(ctx, &machine.hostname).await?;
                 let mut rows = rows(std::slice::from_ref(&machine));
                 rows[0].push(machine.added_at.to_string());
                 rows[0].push(machine.changed_at.to_string());
+                rows[0].push(status.active_image.clone().unwrap_or_else(|| "-".into()));
+                rows[0].push(status.state.clone());
                 let mut headers = HEADERS.to_vec();
-                headers.extend(["ADDED AT", "CHANGED AT"]);
-                output::print(ctx.output, &machine, &headers, rows)
+                headers.extend(["ADDED AT", "CHANGED AT", "ACTIVE", "STATE"]);
+                // The machine's record, plus what status knows of it.
+                let mut value = serde_json::to_value(&machine)?;
+                if let (Some(object), serde_json::Value::Object(extra)) =
+                    (value.as_object_mut(), serde_json::to_value(&status)?)
+                {
+                    for (key, v) in extra {
+                        object.entry(key).or_insert(v);
+                    }
+                }
+                output::print(ctx.output, &value, &headers, rows)
             }
         }
     }

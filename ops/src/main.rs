@@ -9,6 +9,7 @@ mod image;
 mod ingest;
 mod machine;
 mod output;
+mod status;
 
 use std::process::ExitCode;
 
@@ -68,6 +69,9 @@ enum Command {
     /// The audit log: history, point-in-time replay, chain verification, export.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Each machine as its agent reports it: required and active image, state, deviations,
+    /// last update, drift.
+    Status(status::Status),
     /// Start a local three-replica cluster on loopback and show it working.
     Demo(demo::Demo),
 }
@@ -115,6 +119,7 @@ impl Cli {
             Command::Image(cmd) => cmd.run(&mut context()?).await,
             Command::Audit(cmd) => cmd.run(&mut context()?).await,
             Command::Assign(cmd) => cmd.run(&mut context()?).await,
+            Command::Status(cmd) => cmd.run(&mut context()?).await,
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,

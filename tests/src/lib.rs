@@ -26,12 +26,21 @@ pub fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--bins", "-p", "dom-controller", "-p", "dom-ops"]);
+        build.args([
+            "build",
+            "--bins",
+            "-p",
+            "dom-controller",
+            "-p",
+            "dom-ops",
+            "-p",
+            "dom-agent",
+        ]);
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
         let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building domd and domadm failed");
+        assert!(status.success(), "building domd, domadm and subd failed");
     });
     let path = dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
@@ -271,6 +280,118 @@ impl Cluster {
             .iter()
             .map(|m| m["hostname"].as_str().unwrap_or_default().to_owned())
             .collect()
+    }
+}
+
+/// One machine: a `subd` process managing a temp root.
+pub struct Agent {
+    pub hostname: String,
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    log: PathBuf,
+    controllers: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log file");
+        let child = Command::new(bin("subd"))
+            .args(["--hostname", &self.hostname, "--root"])
+            .arg(&self.root)
+            .args(["--controllers", &self.controllers, "--state-dir"])
+            .arg(&self.state_dir)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn subd");
+        self.child = Some(child);
+    }
+
+    /// Sets an environment variable for the next spawn (test hooks).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.envs.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.envs.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Cluster {
+    /// A `subd` for `hostname` on a fresh, empty root under the cluster's temp dir, started.
+    pub fn agent(&self, hostname: &str, args: &[&str]) -> Agent {
+        let root = self.dir.path().join("roots").join(hostname);
+        std::fs::create_dir_all(&root).expect("agent root");
+        let mut agent = Agent {
+            hostname: hostname.to_owned(),
+            root,
+            state_dir: self.dir.path().join("state").join(hostname),
+            log: self.dir.path().join(format!("subd-{hostname}.log")),
+            controllers: self.endpoints(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: Vec::new(),
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// `domadm status HOST -o json`, the one machine's object.
+    pub fn machine_status(&self, hostname: &str) -> Option<Value> {
+        let out = self.domadm(&["status", hostname, "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.first().cloned()
+    }
+
+    /// Waits until `predicate` holds for the machine's status, returning that status.
+    pub fn wait_status(
+        &self,
+        hostname: &str,
+        what: &str,
+        limit: Duration,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_for(&format!("{hostname}: {what}"), limit, || {
+            self.machine_status(hostname).filter(|s| predicate(s))
+        })
+    }
+
+    /// Waits until the machine is compliant on `image`.
+    pub fn wait_compliant(&self, hostname: &str, image: &str, limit: Duration) -> Value {
+        self.wait_status(hostname, &format!("compliant on {image}"), limit, |s| {
+            s["state"] == "compliant" && s["active_image"] == image
+        })
     }
 }
 

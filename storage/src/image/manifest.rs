@@ -157,6 +157,13 @@ pub fn normalize_path(raw: &str) -> Result<String, ManifestError> {
     Ok(format!("/{}", parts.join("/")))
 }
 
+/// Whether `path` is an absolute path in the canonical form `normalize_path` gives (`/`,
+/// `/etc/x`): what a manifest entry's path must be when it comes from the network.
+pub fn is_normalized(path: &str) -> bool {
+    path.strip_prefix('/')
+        .is_some_and(|rest| normalize_path(rest).is_ok_and(|p| p == path))
+}
+
 /// A checked manifest: tree order, unique paths, a root directory, every parent a directory,
 /// hard links naming files of the image.
 #[derive(Debug, Clone, PartialEq, Eq)]

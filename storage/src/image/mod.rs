@@ -15,6 +15,7 @@ mod triggers;
 pub use diff::{diff, Difference};
 pub use filter::{Filter, FilterError};
 pub use manifest::{
-    entry_from_pb, entry_to_pb, normalize_path, tree_cmp, Entry, Kind, Manifest, ManifestError,
+    entry_from_pb, entry_to_pb, is_normalized, normalize_path, tree_cmp, Entry, Kind, Manifest,
+    ManifestError,
 };
 pub use triggers::{parse_triggers, Trigger, TriggerError};
