@@ -2,8 +2,8 @@
 //!
 //! A sweep reads and hashes every file at the paced rate, at idle priority; on a large machine
 //! it takes a long time, so a second worker runs a cheap metadata pass every few seconds (a
-//! file keeps its hash while its inode, size, mtime and ctime are unchanged) and ordinary
-//! changes are seen within seconds. When a sweep ends, a metadata pass over its result brings
+//! file keeps its hash while its inode, size, mtime and ctime are unchanged; only changed
+//! files are read, unpaced) and ordinary changes are seen within seconds. When a sweep ends, a metadata pass over its result brings
 //! it up to date and it replaces the current tree: that is how a change no timestamp shows
 //! (a media error, a direct block write) is found. Each published tree carries a sequence
 //! number; a metadata pass that started from an older tree than the current one is dropped,
@@ -118,10 +118,18 @@ impl Scanner {
     }
 
     fn metadata_worker(&self) {
+        lower_priority();
         loop {
             let current = self.snapshot();
             let from_seq = current.as_ref().map_or(0, |c| c.seq);
-            let config = self.config();
+            let mut config = self.config();
+            // The first pass reads everything, so it is paced like a sweep. Later passes read
+            // only files whose metadata changed: the machine just wrote them (they are
+            // usually still cached), and pacing them would delay seeing a changed file by its
+            // size over 2% of the disk's speed.
+            if current.is_some() {
+                config.bytes_per_sec = None;
+            }
             match scan(&config, current.as_ref().map(|c| c.tree.as_ref()), false) {
                 Ok(tree) => self.publish(from_seq, tree, false),
                 Err(e) => tracing::warn!("metadata pass failed: {e}"),
@@ -169,10 +177,15 @@ impl Scanner {
     }
 
     /// Runs a metadata pass in the calling thread and makes its tree current: it started
-    /// after whatever the caller just did, so it wins over any pass still running.
+    /// after whatever the caller just did, so it wins over any pass still running. It is not
+    /// paced: it re-reads what an update just wrote (and read), which is the update's cost,
+    /// not background scanning's, and the leader waits on it.
     pub fn pass_now(&self) -> Option<Snapshot> {
         let current = self.snapshot();
-        let config = self.config();
+        let config = ScanConfig {
+            bytes_per_sec: None,
+            ..self.config()
+        };
         match scan(&config, current.as_ref().map(|c| c.tree.as_ref()), false) {
             Ok(tree) => self.force_publish(tree, false),
             Err(e) => tracing::warn!("metadata pass failed: {e}"),

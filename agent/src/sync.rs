@@ -741,10 +741,10 @@ impl Agent {
         self.note_report(report);
         // Describe the machine as the update left it, not as a pass that ran during it saw it.
         let scanner = self.scanner.clone();
+        send(out, pb::agent_message::Body::UpdateResult(result)).await;
         tokio::task::spawn_blocking(move || scanner.pass_now())
             .await
             .context("the rescan after the update failed")?;
-        send(out, pb::agent_message::Body::UpdateResult(result)).await;
         *described = self.describe_all(out).await?;
         Ok(())
     }

@@ -524,10 +524,12 @@ impl Session {
                         tracing::warn!(host = %self.hostname, paths = ?began, "drift: files changed behind the system's back");
                         v.note_drift(began, now);
                     }
-                    if let Work::Rebasing { image } = &v.work {
-                        if v.complete && v.base_image.as_deref() == Some(image.as_str()) {
-                            v.work = Work::Idle;
-                        }
+                    // A whole fresh description ends a re-description, whichever base it ended on.
+                    if page.reset {
+                        v.awaiting_reset = false;
+                    }
+                    if matches!(v.work, Work::Rebasing { .. }) && v.complete && !v.awaiting_reset {
+                        v.work = Work::Idle;
                     }
                     if v.on_base() && v.base_image.is_some() && v.base_image == required {
                         v.drift_corrected();
@@ -582,9 +584,16 @@ impl Session {
                     self.pending = None;
                 }
                 r.with_machine(&self.hostname, |v| {
+                    let image = summary.image.clone();
+                    let applied = summary.outcome == Outcome::Applied;
                     v.finished(summary, now);
-                    // The agent describes itself afresh after an update.
+                    // The agent describes itself afresh after an update; until it has, the
+                    // update is not confirmed.
                     v.complete = false;
+                    if applied {
+                        v.work = Work::Rebasing { image };
+                        v.awaiting_reset = true;
+                    }
                 });
             }
             Some(Body::Hello(_)) => {
@@ -630,7 +639,8 @@ impl Session {
         r.with_machine(&self.hostname, |v| {
             v.work = Work::Rebasing {
                 image: image.to_owned(),
-            }
+            };
+            v.awaiting_reset = true;
         });
         send(
             &self.out,

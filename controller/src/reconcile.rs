@@ -101,6 +101,8 @@ pub struct MachineView {
     pub swept: bool,
     pub excluded: Filter,
     pub work: Work,
+    /// Asked for a fresh description (a rebase, or after an update) that has not begun yet.
+    pub awaiting_reset: bool,
     pub last_update: Option<UpdateSummary>,
     pub retries: BTreeMap<String, Retry>,
     pub drift: Vec<Drift>,
@@ -119,6 +121,7 @@ impl Default for MachineView {
             swept: false,
             excluded: Filter::empty(),
             work: Work::Idle,
+            awaiting_reset: false,
             last_update: None,
             retries: BTreeMap::new(),
             drift: Vec::new(),
@@ -226,6 +229,8 @@ impl MachineView {
         match &self.work {
             Work::Fetching { .. } => return "fetching",
             Work::Updating { .. } => return "updating",
+            // Re-describing itself after an update: not confirmed yet.
+            Work::Rebasing { .. } if !self.complete => return "updating",
             Work::Idle | Work::Rebasing { .. } => {}
         }
         if !self.complete {
