@@ -6,57 +6,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use dom_agent::scan::{scan, ScanConfig};
-use dom_storage::image::Filter;
-use dom_tests::{wait_for, Cluster};
+use dom_tests::{add_image, ok, tree_root, wait_for, write, Cluster};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// The bound for correcting a tampering with default rate limits.
 const CORRECT: Duration = Duration::from_secs(30);
-
-fn write(root: &Path, path: &str, content: &str, mode: u32) {
-    let full = root.join(path.trim_start_matches('/'));
-    std::fs::create_dir_all(full.parent().unwrap()).unwrap();
-    std::fs::write(&full, content).unwrap();
-    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// The Merkle root of a directory as the agent computes it, leaving out `excluded`.
-fn tree_root(dir: &Path, excluded: &[&str]) -> String {
-    let config = ScanConfig {
-        root: dir.to_owned(),
-        excluded: Filter::new(excluded.iter().map(|s| s.to_string()).collect()).unwrap(),
-        bytes_per_sec: None,
-        one_file_system: true,
-        strict: false,
-    };
-    hex::encode(scan(&config, None, true).unwrap().root_hash())
-}
-
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn add_image(cluster: &Cluster, name: &str, src: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["image", "add", name, src.to_str().unwrap()];
-    args.extend(extra);
-    ok(cluster.domadm(&args));
-    let images = cluster.domadm_json(&["image", "list"]);
-    images
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .unwrap()["root_hash"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
 
 fn base_image(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("src-base");

@@ -35,6 +35,9 @@ pub struct Progress {
     pub objects_total: u64,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// What came over the network; the rest was in the cache.
+    pub objects_downloaded: u64,
+    pub bytes_downloaded: u64,
 }
 
 pub fn channel(addr: &str) -> Result<Channel, String> {
@@ -110,6 +113,8 @@ pub async fn fetch(
         }
         progress.objects_done += 1;
         progress.bytes_done += size;
+        progress.objects_downloaded += 1;
+        progress.bytes_downloaded += size;
         report(progress);
     }
     store.publish(verified)?;

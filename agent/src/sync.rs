@@ -82,7 +82,12 @@ pub struct Agent {
     generation: u64,
     /// The base an update in flight will leave the machine on: image, manifest, filter.
     pending_base: Option<(String, Hash, Vec<String>)>,
+    /// An update still running when its stream ended; the next stream reports it.
+    in_flight: Option<Running>,
 }
+
+/// An update running on its own task.
+type Running = (pb::UpdateInFlight, tokio::task::JoinHandle<Report>);
 
 fn base_file(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("base.json")
@@ -217,6 +222,7 @@ impl Agent {
             last_report,
             generation: 0,
             pending_base: None,
+            in_flight: None,
         })
     }
 
@@ -316,6 +322,7 @@ impl Agent {
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 excluded,
                 last_update: self.last_report.as_ref().map(report_to_pb),
+                in_flight: self.in_flight.as_ref().map(|(info, _)| info.clone()),
             }),
         )
         .await;
@@ -333,7 +340,7 @@ impl Agent {
         };
         let mut incoming: Option<Incoming> = None;
         let mut fetching: Option<tokio::task::JoinHandle<()>> = None;
-        let mut updating: Option<tokio::task::JoinHandle<Report>> = None;
+        let mut updating: Option<Running> = self.in_flight.take();
         let ended = loop {
             tokio::select! {
                 message = inbound.message() => match message {
@@ -356,7 +363,7 @@ impl Agent {
                         tracing::warn!("describing changes: {e:#}");
                     }
                 }
-                report = async { updating.as_mut().expect("guarded").await }, if updating.is_some() => {
+                report = async { (&mut updating.as_mut().expect("guarded").1).await }, if updating.is_some() => {
                     updating = None;
                     let report = match report {
                         Ok(r) => r,
@@ -374,13 +381,9 @@ impl Agent {
         if let Some(f) = fetching {
             f.abort();
         }
-        // An update in flight finishes before the agent talks to anyone again, so its outcome
-        // goes into the next hello instead of being lost with this stream.
-        if let Some(u) = updating {
-            if let Ok(report) = u.await {
-                self.note_report(report);
-            }
-        }
+        // An update in flight goes on; the next stream's hello says so, and its outcome is
+        // reported there.
+        self.in_flight = updating;
         ended
     }
 
@@ -523,7 +526,7 @@ impl Agent {
         described: &mut Described,
         incoming: &mut Option<Incoming>,
         fetching: &mut Option<tokio::task::JoinHandle<()>>,
-        updating: &mut Option<tokio::task::JoinHandle<Report>>,
+        updating: &mut Option<Running>,
         addr: &str,
     ) -> anyhow::Result<()> {
         use pb::controller_message::Body;
@@ -651,7 +654,7 @@ impl Agent {
         update: Incoming,
         described: &Described,
         out: &Out,
-        updating: &mut Option<tokio::task::JoinHandle<Report>>,
+        updating: &mut Option<Running>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
         let refuse = |why: String| Report {
@@ -723,10 +726,19 @@ impl Agent {
             triggers: update.triggers,
         };
         tracing::info!(image = %request.image, steps = request.steps.len(), "updating");
+        let info = pb::UpdateInFlight {
+            plan_id: request.plan_id,
+            image: request.image.clone(),
+            high_impact: request
+                .triggers
+                .iter()
+                .any(|t| t.high_impact || t.do_reboot),
+        };
         let updater = self.updater.clone();
-        *updating = Some(tokio::task::spawn_blocking(move || {
-            updater.apply(&request, &excluded)
-        }));
+        *updating = Some((
+            info,
+            tokio::task::spawn_blocking(move || updater.apply(&request, &excluded)),
+        ));
         Ok(())
     }
 
@@ -752,6 +764,8 @@ impl Agent {
 
 fn progress_to_pb(plan_id: u64, p: Progress, done: bool, error: &str) -> pb::FetchProgress {
     pb::FetchProgress {
+        objects_downloaded: p.objects_downloaded,
+        bytes_downloaded: p.bytes_downloaded,
         plan_id,
         objects_done: p.objects_done,
         objects_total: p.objects_total,

@@ -33,6 +33,57 @@ pub struct AdminService {
     pub reconciler: std::sync::Arc<crate::agents::Reconciler>,
 }
 
+/// Waits until this replica, as the leader, has applied everything committed before now.
+pub(crate) async fn linearizable(raft: &Raft) -> Result<(), Status> {
+    match raft.ensure_linearizable().await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.forward_to_leader::<BasicNode>() {
+            Some(f) => Err(not_leader(
+                f.leader_id
+                    .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
+            )),
+            None => Err(retry_later(format!("cannot confirm leadership: {e}"))),
+        },
+    }
+}
+
+/// Checks `event` against everything committed so far, stamps its time and commits it,
+/// answering once it is applied. Used for operators' events and the leader's own (the
+/// automatic brake).
+pub(crate) async fn propose(
+    raft: &Raft,
+    view: &FleetView,
+    mut event: Event,
+) -> Result<pb::AppendResponse, Status> {
+    if raft.metrics().borrow().state != ServerState::Leader {
+        return Err(not_leader(leader_of(raft)));
+    }
+    linearizable(raft).await?;
+    view.read(|live| live.state.check(&event.change))
+        .map_err(rejection_status)?;
+    event.time_unix_ms = now_unix_ms();
+    let written = raft
+        .client_write(EventBytes(event.encode()))
+        .await
+        .map_err(|e| match e.forward_to_leader::<BasicNode>() {
+            Some(f) => not_leader(
+                f.leader_id
+                    .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
+            ),
+            None => retry_later(format!("not committed: {e}")),
+        })?;
+    match written.data {
+        Applied::Event(head) => Ok(pb::AppendResponse {
+            log_index: written.log_id.index,
+            journal_index: head.index,
+            journal_hash: head.hash.to_vec(),
+            time_unix_ms: event.time_unix_ms,
+        }),
+        Applied::Refused(reason) => Err(Status::failed_precondition(reason)),
+        Applied::NotAnEvent => Err(Status::internal("an event was applied as a non-event")),
+    }
+}
+
 /// The current leader's id and address, as this replica knows them.
 pub(crate) fn leader_of(raft: &Raft) -> Option<(NodeId, String)> {
     let metrics = raft.metrics().borrow().clone();
@@ -128,16 +179,7 @@ impl AdminService {
 
     /// Waits until this replica, as the leader, has applied everything committed before now.
     async fn linearizable(&self) -> Result<(), Status> {
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
-            Err(e) => match e.forward_to_leader::<BasicNode>() {
-                Some(f) => Err(not_leader(
-                    f.leader_id
-                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
-                )),
-                None => Err(retry_later(format!("cannot confirm leadership: {e}"))),
-            },
-        }
+        linearizable(&self.raft).await
     }
 
     fn voters(&self) -> BTreeMap<NodeId, String> {
@@ -322,6 +364,12 @@ impl pb::admin_server::Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("no event given"))?;
         let mut event =
             Event::try_from(message).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if event.actor == crate::agents::CONTROLLER_ACTOR {
+            return Err(Status::invalid_argument(format!(
+                "the actor {:?} is reserved for the controller's own events",
+                crate::agents::CONTROLLER_ACTOR
+            )));
+        }
         if event.actor.trim().is_empty() {
             return Err(Status::invalid_argument("an event needs an actor"));
         }
@@ -332,34 +380,16 @@ impl pb::admin_server::Admin for AdminService {
         if self.raft.metrics().borrow().state != ServerState::Leader {
             return Err(not_leader(self.leader()));
         }
-        // Check against everything committed so far, so that a refusal is about the real state.
-        self.linearizable().await?;
-        self.view
-            .read(|live| live.state.check(&event.change))
-            .map_err(rejection_status)?;
-        self.check_image_objects(&event.change).await?;
-        event.time_unix_ms = now_unix_ms();
-        let written = self
-            .raft
-            .client_write(EventBytes(event.encode()))
-            .await
-            .map_err(|e| match e.forward_to_leader::<BasicNode>() {
-                Some(f) => not_leader(
-                    f.leader_id
-                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
-                ),
-                None => retry_later(format!("not committed: {e}")),
-            })?;
-        match written.data {
-            Applied::Event(head) => Ok(Response::new(pb::AppendResponse {
-                log_index: written.log_id.index,
-                journal_index: head.index,
-                journal_hash: head.hash.to_vec(),
-                time_unix_ms: event.time_unix_ms,
-            })),
-            Applied::Refused(reason) => Err(Status::failed_precondition(reason)),
-            Applied::NotAnEvent => Err(Status::internal("an event was applied as a non-event")),
+        if matches!(event.change, Change::ImageAdded { .. }) {
+            // Refuse a bad image before the (possibly long) object check; `propose` checks
+            // again against whatever committed meanwhile.
+            self.linearizable().await?;
+            self.view
+                .read(|live| live.state.check(&event.change))
+                .map_err(rejection_status)?;
+            self.check_image_objects(&event.change).await?;
         }
+        Ok(Response::new(propose(&self.raft, &self.view, event).await?))
     }
 
     async fn list_machines(
@@ -418,6 +448,31 @@ impl pb::admin_server::Admin for AdminService {
             )
         };
         Ok(Response::new(self.reconciler.status(only.as_deref())?))
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        self.linearizable().await?;
+        let policy = self.view.read(|l| l.state.policy().clone());
+        let (max_updating, max_updating_percent) = match policy.max_updating {
+            Some(fleet::Limit::Machines(n)) => (n, 0),
+            Some(fleet::Limit::Percent(p)) => (0, p),
+            None => (0, 0),
+        };
+        let halt = policy.halt.clone().unwrap_or_default();
+        Ok(Response::new(pb::PolicyStatus {
+            halted: policy.halt.is_some(),
+            halt_reason: halt.reason,
+            halt_actor: halt.actor,
+            halt_since_unix_ms: halt.since_unix_ms,
+            max_updating,
+            max_updating_percent,
+            max_high_impact: policy.max_high_impact.unwrap_or(0),
+            fetch_bytes_per_sec: policy.fetch_bytes_per_sec.unwrap_or(0),
+            brake_failure_percent: policy.brake_failure_percent(),
+        }))
     }
 
     async fn cluster_status(

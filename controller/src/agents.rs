@@ -33,6 +33,9 @@ use crate::admin::{leader_of, not_leader};
 use crate::objects::load_manifest;
 use crate::reconcile::{self, Decision, MachineView, Outcome, UpdateSummary, Work};
 
+/// The actor of events the controller appends itself (the automatic brake).
+pub const CONTROLLER_ACTOR: &str = "domd";
+
 /// Steps per Update message, so a whole-image plan never makes one huge message.
 const STEPS_PER_PAGE: usize = 5_000;
 /// How long an agent may take to say hello.
@@ -90,7 +93,21 @@ pub struct Reconciler {
     transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
     next_session: AtomicU64,
     next_plan: AtomicU64,
+    /// Counts freed update slots; sessions waiting for one watch it (a watch, unlike a
+    /// notification, is never missed by a session busy at the moment a slot frees).
+    slots: tokio::sync::watch::Sender<u64>,
+    /// One brake at a time, so racing failures append one halt, not several.
+    braking: tokio::sync::Mutex<()>,
+    /// Recent update outcomes per image (time, machine, health check failed), for the brake.
+    outcomes: Mutex<HashMap<String, Vec<Attempt>>>,
 }
+
+/// One machine's latest update to an image: when, which machine, whether its health check
+/// failed.
+type Attempt = (i64, String, bool);
+
+/// How far back the automatic brake looks.
+pub const BRAKE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
 /// An image as a plan target: its manifest and what it leaves alone.
 struct TargetImage {
@@ -121,6 +138,9 @@ impl Reconciler {
             transitions: Mutex::new(Cache::new(TRANSITION_CACHE)),
             next_session: AtomicU64::new(1),
             next_plan: AtomicU64::new(1),
+            slots: tokio::sync::watch::channel(0).0,
+            braking: tokio::sync::Mutex::new(()),
+            outcomes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -204,6 +224,103 @@ impl Reconciler {
         }))
     }
 
+    /// Takes an update slot for `hostname` if the rollout limits allow, atomically with every
+    /// other session's check; otherwise says what holds it.
+    fn try_start(
+        &self,
+        hostname: &str,
+        pending: &Pending,
+        policy: &dom_storage::fleet::Policy,
+        fleet_size: usize,
+    ) -> Result<(), String> {
+        let mut machines = self.machines();
+        let (mut updating, mut high) = (0usize, 0u64);
+        for (_, v) in machines.iter().filter(|(h, _)| *h != hostname) {
+            match v.work {
+                Work::Updating { high_impact, .. } => {
+                    updating += 1;
+                    high += u64::from(high_impact);
+                }
+                // Applied, but not confirmed until the agent has described itself again.
+                Work::Rebasing { .. } if !v.complete => updating += 1,
+                _ => {}
+            }
+        }
+        if let Some(limit) = policy.max_updating {
+            let max = limit.of(fleet_size);
+            if updating >= max {
+                return Err(format!(
+                    "waiting for an update slot ({updating} of at most {max} updating)"
+                ));
+            }
+        }
+        if pending.high_impact {
+            if let Some(max) = policy.max_high_impact {
+                if high >= max {
+                    return Err(format!(
+                        "waiting for a high-impact slot ({high} of at most {max} in high-impact updates)"
+                    ));
+                }
+            }
+        }
+        let v = machines.entry(hostname.to_owned()).or_default();
+        v.work = Work::Updating {
+            plan_id: pending.plan_id,
+            image: pending.plan.image.clone(),
+            started_unix_ms: now_unix_ms(),
+            high_impact: pending.high_impact,
+        };
+        v.hold = None;
+        Ok(())
+    }
+
+    /// Notes an update's outcome; when too many machines that updated to the image within the
+    /// brake window failed their health check, returns the reason to halt.
+    fn record_outcome(
+        &self,
+        image: &str,
+        hostname: &str,
+        failed: bool,
+        now: i64,
+        brake_percent: u32,
+    ) -> Option<String> {
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        let list = outcomes.entry(image.to_owned()).or_default();
+        list.retain(|(t, h, _)| now - t <= BRAKE_WINDOW_MS && h != hostname);
+        list.push((now, hostname.to_owned(), failed));
+        let failures = list.iter().filter(|(_, _, f)| *f).count();
+        let total = list.len();
+        (failed && brake_percent < 100 && failures * 100 > total * brake_percent as usize).then(
+            || {
+                format!(
+                    "automatic brake: {failures} of {total} machine(s) that updated to {image} in the last {} minutes failed their health check (brake at {brake_percent}%)",
+                    BRAKE_WINDOW_MS / 60_000
+                )
+            },
+        )
+    }
+
+    /// Appends the brake's halt, as the controller.
+    async fn brake(self: Arc<Self>, reason: String) {
+        let _one = self.braking.lock().await;
+        if self.view.read(|l| l.state.policy().halt.is_some()) {
+            return;
+        }
+        tracing::warn!("{reason}");
+        let event = dom_storage::event::Event {
+            actor: CONTROLLER_ACTOR.to_owned(),
+            time_unix_ms: 0,
+            reason,
+            change: dom_storage::event::Change::UpdatesHalted,
+        };
+        if let Err(e) = crate::admin::propose(&self.raft, &self.view, event).await {
+            tracing::error!(
+                "the automatic brake could not halt updates: {}",
+                e.message()
+            );
+        }
+    }
+
     /// Every machine of the fleet with its soft state, for `domadm status`.
     pub fn status(&self, only: Option<&str>) -> Result<pb::StatusResponse, Status> {
         let (machines, halt) = self.view.read(|l| {
@@ -259,8 +376,25 @@ fn machine_status(
         _ => (0, 0, 0, 0),
     };
     let state = v.state(required, now);
+    let paused_until = m.paused_until_unix_ms.filter(|u| *u > now);
     let detail = match (&v.work, required) {
+        (
+            Work::Fetching {
+                image,
+                preload: true,
+                objects_done,
+                objects_total,
+                ..
+            },
+            _,
+        ) => format!("preloading {image}: {objects_done} of {objects_total} objects"),
         (Work::Fetching { image, .. }, _) => format!("fetching {image}"),
+        (_, _) if v.hold.is_some() && state != "compliant" => v.hold.clone().unwrap_or_default(),
+        (Work::Idle, Some(_)) if paused_until.is_some() && state != "compliant" => format!(
+            "paused until {}s from now: {}",
+            (paused_until.unwrap_or(now) - now + 999) / 1000,
+            m.pause_reason
+        ),
         (Work::Updating { image, .. }, _) => format!("updating to {image}"),
         (Work::Rebasing { image }, _) => format!("matches {image}; re-describing against it"),
         (Work::Idle, Some(req)) if state != "compliant" && v.connected => {
@@ -318,6 +452,17 @@ fn machine_status(
         },
         generation: v.generation,
         swept: v.swept,
+        last_fetch: v.last_fetch.as_ref().map(|f| pb::LastFetch {
+            image: f.image.clone(),
+            preload: f.preload,
+            objects_downloaded: f.objects_downloaded,
+            bytes_downloaded: f.bytes_downloaded,
+            objects_total: f.objects_total,
+            bytes_total: f.bytes_total,
+            finished_unix_ms: f.finished_unix_ms,
+        }),
+        preloaded_image: v.preloaded.clone().unwrap_or_default(),
+        paused_until_unix_ms: paused_until.unwrap_or(0),
     }
 }
 
@@ -385,6 +530,8 @@ struct Pending {
     generation: u64,
     manifest_hash: Hash,
     filter: Vec<String>,
+    preload: bool,
+    high_impact: bool,
 }
 
 struct Session {
@@ -416,6 +563,7 @@ impl Session {
         let r = self.reconciler.clone();
         let mut applied = r.view.subscribe();
         let mut metrics = r.raft.metrics();
+        let mut slots = r.slots.subscribe();
         let end: Result<(), Status> = loop {
             if !self.current() {
                 break Err(Status::aborted(
@@ -458,6 +606,7 @@ impl Session {
                 _ = tokio::time::sleep(sleep) => {
                     self.wait_until = None;
                 }
+                _ = slots.changed(), if self.pending.is_some() => {}
             }
             if let Err(status) = self.reconcile().await {
                 break Err(status);
@@ -474,11 +623,15 @@ impl Session {
             r.with_machine(&self.hostname, |v| {
                 v.connected = false;
                 v.last_seen_unix_ms = now_unix_ms();
-                // An update in flight finishes on the agent, which reports it when it
-                // reconnects; a fetch is resumed by the next plan.
-                v.work = Work::Idle;
                 v.complete = false;
+                // An update in flight finishes on the agent (a rebooting machine comes back),
+                // which reports it when it reconnects; until then it holds its update slot.
+                // A fetch is resumed by the next plan.
+                if !matches!(v.work, Work::Updating { .. }) {
+                    v.work = Work::Idle;
+                }
             });
+            r.slots.send_modify(|n| *n += 1);
         }
         tracing::info!(host = %self.hostname, "agent disconnected");
     }
@@ -503,7 +656,7 @@ impl Session {
                         .and_then(|m| m.required_image.clone())
                 });
                 let root_hash: Option<Hash> = page.root_hash.as_slice().try_into().ok();
-                r.with_machine(&self.hostname, |v| {
+                let freed = r.with_machine(&self.hostname, |v| {
                     let was_compliant = required.as_deref().is_some_and(|q| v.compliant_with(q));
                     v.last_seen_unix_ms = now;
                     let began =
@@ -528,22 +681,38 @@ impl Session {
                     if page.reset {
                         v.awaiting_reset = false;
                     }
+                    let mut freed = false;
                     if matches!(v.work, Work::Rebasing { .. }) && v.complete && !v.awaiting_reset {
                         v.work = Work::Idle;
+                        freed = true;
                     }
                     if v.on_base() && v.base_image.is_some() && v.base_image == required {
                         v.drift_corrected();
                     }
+                    freed
                 });
+                if freed {
+                    // A confirmed update frees its slot for the next machine.
+                    r.slots.send_modify(|n| *n += 1);
+                }
             }
             Some(Body::FetchProgress(p)) => {
                 let Some(pending) = self.pending.as_ref().filter(|x| x.plan_id == p.plan_id) else {
                     return Ok(());
                 };
                 let image = pending.plan.image.clone();
+                let preload = pending.preload;
                 if !p.error.is_empty() {
                     tracing::warn!(host = %self.hostname, %image, "fetch failed: {}", p.error);
                     self.pending = None;
+                    if preload {
+                        // A failed preload costs nothing; the update will fetch what it needs.
+                        r.with_machine(&self.hostname, |v| {
+                            v.work = Work::Idle;
+                            v.preloaded = Some(image);
+                        });
+                        return Ok(());
+                    }
                     r.with_machine(&self.hostname, |v| {
                         v.finished(
                             UpdateSummary {
@@ -567,14 +736,40 @@ impl Session {
                     v.work = Work::Fetching {
                         plan_id: p.plan_id,
                         image: image.clone(),
+                        preload,
                         objects_done: p.objects_done,
                         objects_total: p.objects_total,
                         bytes_done: p.bytes_done,
                         bytes_total: p.bytes_total,
                     };
+                    if p.done {
+                        v.last_fetch = Some(reconcile::FetchSummary {
+                            image: image.clone(),
+                            preload,
+                            objects_downloaded: p.objects_downloaded,
+                            bytes_downloaded: p.bytes_downloaded,
+                            objects_total: p.objects_total,
+                            bytes_total: p.bytes_total,
+                            finished_unix_ms: now,
+                        });
+                        v.work = if preload {
+                            v.preloaded = Some(image.clone());
+                            Work::Idle
+                        } else {
+                            Work::Ready {
+                                plan_id: p.plan_id,
+                                image: image.clone(),
+                            }
+                        };
+                    }
                 });
                 if p.done {
-                    self.start_update().await?;
+                    if preload {
+                        tracing::info!(host = %self.hostname, %image, bytes = p.bytes_downloaded, "preloaded");
+                        self.pending = None;
+                    } else {
+                        self.start_update().await?;
+                    }
                 }
             }
             Some(Body::UpdateResult(result)) => {
@@ -582,6 +777,22 @@ impl Session {
                 tracing::info!(host = %self.hostname, image = %summary.image, outcome = summary.outcome.as_str(), error = %summary.error, ms = summary.duration_ms, "update finished");
                 if self.pending.as_ref().map(|p| p.plan_id) == Some(result.plan_id) {
                     self.pending = None;
+                }
+                let (brake_percent, halted) = r.view.read(|l| {
+                    (
+                        l.state.policy().brake_failure_percent(),
+                        l.state.policy().halt.is_some(),
+                    )
+                });
+                let failed = summary.outcome == Outcome::RolledBack;
+                if matches!(summary.outcome, Outcome::Applied | Outcome::RolledBack) {
+                    if let Some(reason) =
+                        r.record_outcome(&summary.image, &self.hostname, failed, now, brake_percent)
+                    {
+                        if !halted {
+                            tokio::spawn(r.clone().brake(reason));
+                        }
+                    }
                 }
                 r.with_machine(&self.hostname, |v| {
                     let image = summary.image.clone();
@@ -595,6 +806,7 @@ impl Session {
                         v.awaiting_reset = true;
                     }
                 });
+                r.slots.send_modify(|n| *n += 1);
             }
             Some(Body::Hello(_)) => {
                 return Err(Status::invalid_argument("hello sent twice"));
@@ -606,24 +818,43 @@ impl Session {
 
     async fn reconcile(&mut self) -> Result<(), Status> {
         let r = self.reconciler.clone();
-        let (required, halted) = r.view.read(|l| {
-            (
-                l.state
-                    .machine(&self.hostname)
-                    .and_then(|m| m.required_image.clone()),
-                l.state.policy().halt.is_some(),
-            )
-        });
+        let Some((machine, halted)) = r.view.read(|l| {
+            l.state
+                .machine(&self.hostname)
+                .cloned()
+                .map(|m| (m, l.state.policy().halt.is_some()))
+        }) else {
+            return Ok(());
+        };
         let now = now_unix_ms();
         let view = r.machine(&self.hostname);
-        match reconcile::decide(&view, required.as_deref(), halted, now) {
+        if let Work::Ready { .. } = view.work {
+            self.start_update().await?;
+            if !matches!(r.machine(&self.hostname).work, Work::Idle) {
+                return Ok(());
+            }
+        }
+        let view = r.machine(&self.hostname);
+        let log = reconcile::Assignment {
+            required: machine.required_image.as_deref(),
+            planned: machine.planned_image.as_deref(),
+            halted,
+            paused_until_unix_ms: machine.paused_until_unix_ms,
+        };
+        match reconcile::decide(&view, &log, now) {
             Decision::Nothing | Decision::Halted => Ok(()),
             Decision::WaitUntil(t) => {
                 self.wait_until = Some(t);
                 Ok(())
             }
             Decision::Rebase(image) => self.rebase(&image).await,
-            Decision::Plan(image) => self.start_plan(&image, &view).await,
+            Decision::Plan(image) => self.start_plan(&image, &view, &machine, false).await,
+            Decision::Preload(image) => {
+                if matches!(view.work, Work::Fetching { preload: true, .. }) {
+                    return Ok(());
+                }
+                self.start_plan(&image, &view, &machine, true).await
+            }
         }
     }
 
@@ -655,7 +886,13 @@ impl Session {
         .map_err(|_| Status::cancelled("agent went away"))
     }
 
-    async fn start_plan(&mut self, image: &str, view: &MachineView) -> Result<(), Status> {
+    async fn start_plan(
+        &mut self,
+        image: &str,
+        view: &MachineView,
+        machine: &dom_storage::fleet::Machine,
+        preload: bool,
+    ) -> Result<(), Status> {
         let r = self.reconciler.clone();
         let Some(target) = r.target_image(image).await? else {
             tracing::warn!(host = %self.hostname, %image, "required image is missing, deleted or has no manifest");
@@ -687,13 +924,41 @@ impl Session {
             &view.delta,
             &view.excluded,
         );
-        if plan.is_empty() {
+        if preload {
+            if plan.objects().is_empty() {
+                r.with_machine(&self.hostname, |v| v.preloaded = Some(image.to_owned()));
+                return Ok(());
+            }
+        } else if plan.is_empty() {
             if view.base_image.as_deref() == Some(image) {
                 // Only paths the image or the agent leaves alone differ: nothing to do, and
                 // re-describing would change nothing.
                 return Ok(());
             }
             return self.rebase(image).await;
+        }
+        // An update that would delete most of the machine is held until an operator says so:
+        // a wrong image or a bad filter must not wipe a machine.
+        let managed =
+            plan::machine_entries(base.as_ref().map(|b| b.manifest.as_ref()), &view.delta);
+        let deletions = plan.deletions();
+        if !preload
+            && deletions * 2 > managed
+            && machine.safety_cleared_image.as_deref() != Some(image)
+        {
+            let hold = format!(
+                "held as unsafe: the update to {image} would delete {deletions} of {managed} paths; `domadm machine clear-safety {}` lets it run",
+                self.hostname
+            );
+            let changed = r.with_machine(&self.hostname, |v| {
+                let changed = v.hold.as_deref() != Some(hold.as_str());
+                v.hold = Some(hold.clone());
+                changed
+            });
+            if changed {
+                tracing::warn!(host = %self.hostname, "{hold}");
+            }
+            return Ok(());
         }
         let plan_id = r.plan_id();
         let mut objects: Vec<pb::ObjectRef> = plan
@@ -715,31 +980,40 @@ impl Session {
         });
         let bytes_total = objects.iter().map(|o| o.size).sum();
         let objects_total = objects.len() as u64;
-        tracing::info!(host = %self.hostname, %image, plan_id, steps = plan.steps.len(), objects = objects_total, "planned");
+        tracing::info!(host = %self.hostname, %image, plan_id, preload, steps = plan.steps.len(), objects = objects_total, "planned");
         r.with_machine(&self.hostname, |v| {
+            v.hold = None;
             v.work = Work::Fetching {
                 plan_id,
                 image: image.to_owned(),
+                preload,
                 objects_done: 0,
                 objects_total,
                 bytes_done: 0,
                 bytes_total,
             }
         });
+        let high_impact = plan.high_impact();
         self.pending = Some(Pending {
             plan_id,
             plan,
             generation: view.generation,
             manifest_hash: target.manifest_hash,
             filter: target.filter.lines().to_vec(),
+            preload,
+            high_impact,
         });
+        let bytes_per_sec = r
+            .view
+            .read(|l| l.state.policy().fetch_bytes_per_sec)
+            .unwrap_or(0);
         send(
             &self.out,
             pb::controller_message::Body::Fetch(pb::Fetch {
                 plan_id,
                 image: image.to_owned(),
                 objects,
-                bytes_per_sec: 0,
+                bytes_per_sec,
             }),
         )
         .await
@@ -749,28 +1023,38 @@ impl Session {
     async fn start_update(&mut self) -> Result<(), Status> {
         let r = self.reconciler.clone();
         let Some(pending) = self.pending.as_ref() else {
+            r.with_machine(&self.hostname, |v| v.work = Work::Idle);
             return Ok(());
         };
-        let halted = r.view.read(|l| l.state.policy().halt.is_some());
-        let required = r.view.read(|l| {
+        let Some((machine, policy, fleet_size)) = r.view.read(|l| {
             l.state
                 .machine(&self.hostname)
-                .and_then(|m| m.required_image.clone())
-        });
-        // The fleet may have moved on while the objects came: a new required image or a halt
-        // makes this plan moot.
-        if halted || required.as_deref() != Some(pending.plan.image.as_str()) {
+                .cloned()
+                .map(|m| (m, l.state.policy().clone(), l.state.machines().count()))
+        }) else {
+            return Ok(());
+        };
+        // The fleet may have moved on while the objects came: a new required image makes this
+        // plan moot; a halt or a pause holds it, fetched, until it ends.
+        if machine.required_image.as_deref() != Some(pending.plan.image.as_str()) {
             self.pending = None;
             r.with_machine(&self.hostname, |v| v.work = Work::Idle);
             return Ok(());
         }
-        r.with_machine(&self.hostname, |v| {
-            v.work = Work::Updating {
-                plan_id: pending.plan_id,
-                image: pending.plan.image.clone(),
-                started_unix_ms: now_unix_ms(),
-            }
-        });
+        let now = now_unix_ms();
+        let hold = if policy.halt.is_some() {
+            Some("fetched; updates are halted".to_owned())
+        } else if let Some(until) = machine.paused_until_unix_ms.filter(|u| *u > now) {
+            self.wait_until = Some(until);
+            Some(format!("fetched; paused: {}", machine.pause_reason))
+        } else {
+            r.try_start(&self.hostname, pending, &policy, fleet_size)
+                .err()
+        };
+        if let Some(hold) = hold {
+            r.with_machine(&self.hostname, |v| v.hold = Some(hold));
+            return Ok(());
+        }
         let triggers: Vec<pb::Trigger> = pending
             .plan
             .triggers
@@ -848,7 +1132,18 @@ impl pb::agent_server::Agent for AgentService {
             v.last_seen_unix_ms = now;
             v.excluded = excluded;
             v.complete = false;
-            v.work = Work::Idle;
+            v.hold = None;
+            // The agent's word decides what is in flight: an update it is still running holds
+            // its slot here too, so limits hold across a failover.
+            v.work = match &hello.in_flight {
+                Some(f) => Work::Updating {
+                    plan_id: f.plan_id,
+                    image: f.image.clone(),
+                    started_unix_ms: now,
+                    high_impact: f.high_impact,
+                },
+                None => Work::Idle,
+            };
             if let Some(last) = &hello.last_update {
                 // The agent's own record decides what happened to an update in flight
                 // during a failover: recorded once, never re-run blindly.

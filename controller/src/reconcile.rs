@@ -52,15 +52,24 @@ pub enum Work {
     Fetching {
         plan_id: u64,
         image: String,
+        /// Preloading the planned image: nothing is activated afterwards.
+        preload: bool,
         objects_done: u64,
         objects_total: u64,
         bytes_done: u64,
         bytes_total: u64,
     },
+    /// Fetched; waiting for an update slot, the end of a halt or a pause.
+    Ready {
+        plan_id: u64,
+        image: String,
+    },
     Updating {
         plan_id: u64,
         image: String,
         started_unix_ms: i64,
+        /// A HighImpact or DoReboot update: counted against its own limit.
+        high_impact: bool,
     },
     /// Asked to describe itself relative to `image`; waiting for the new description.
     Rebasing {
@@ -80,6 +89,18 @@ pub struct Drift {
     pub path: String,
     pub first_seen_unix_ms: i64,
     pub corrected: bool,
+}
+
+/// What the last fetch brought over the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchSummary {
+    pub image: String,
+    pub preload: bool,
+    pub objects_downloaded: u64,
+    pub bytes_downloaded: u64,
+    pub objects_total: u64,
+    pub bytes_total: u64,
+    pub finished_unix_ms: i64,
 }
 
 /// Most drift paths kept per machine: enough to investigate, bounded for a machine that is
@@ -106,6 +127,11 @@ pub struct MachineView {
     pub last_update: Option<UpdateSummary>,
     pub retries: BTreeMap<String, Retry>,
     pub drift: Vec<Drift>,
+    /// The planned image whose objects the agent holds.
+    pub preloaded: Option<String>,
+    pub last_fetch: Option<FetchSummary>,
+    /// Why the machine is not moving, when something holds it (a limit, safety).
+    pub hold: Option<String>,
 }
 
 impl Default for MachineView {
@@ -125,8 +151,20 @@ impl Default for MachineView {
             last_update: None,
             retries: BTreeMap::new(),
             drift: Vec::new(),
+            preloaded: None,
+            last_fetch: None,
+            hold: None,
         }
     }
+}
+
+/// What the log says about one machine and the fleet, as `decide` needs it.
+#[derive(Debug, Clone, Default)]
+pub struct Assignment<'a> {
+    pub required: Option<&'a str>,
+    pub planned: Option<&'a str>,
+    pub halted: bool,
+    pub paused_until_unix_ms: Option<i64>,
 }
 
 /// What the session should do next for a machine.
@@ -138,6 +176,8 @@ pub enum Decision {
     WaitUntil(i64),
     /// Updates are halted fleet-wide.
     Halted,
+    /// Fetch the planned image's objects, activating nothing.
+    Preload(String),
     /// Compute the plan to this image and start fetching.
     Plan(String),
     /// The machine matches this image already (up to what it leaves alone): describe it
@@ -227,11 +267,11 @@ impl MachineView {
             };
         }
         match &self.work {
-            Work::Fetching { .. } => return "fetching",
+            Work::Fetching { preload: false, .. } => return "fetching",
             Work::Updating { .. } => return "updating",
             // Re-describing itself after an update: not confirmed yet.
             Work::Rebasing { .. } if !self.complete => return "updating",
-            Work::Idle | Work::Rebasing { .. } => {}
+            Work::Idle | Work::Rebasing { .. } | Work::Ready { .. } | Work::Fetching { .. } => {}
         }
         if !self.complete {
             return "unknown";
@@ -255,15 +295,23 @@ impl MachineView {
     }
 }
 
-/// The next step for one machine, given its required image and whether updates are halted.
-pub fn decide(view: &MachineView, required: Option<&str>, halted: bool, now_ms: i64) -> Decision {
-    if !view.connected || !view.complete || view.work != Work::Idle {
+/// The next step for one machine, given what the log says of it.
+pub fn decide(view: &MachineView, log: &Assignment<'_>, now_ms: i64) -> Decision {
+    if !view.connected || !view.complete {
         return Decision::Nothing;
     }
-    let Some(required) = required else {
+    let Some(required) = log.required else {
         return Decision::Nothing;
     };
     if view.compliant_with(required) {
+        return match log.planned {
+            Some(planned) if planned != required && view.preloaded.as_deref() != Some(planned) => {
+                Decision::Preload(planned.to_owned())
+            }
+            _ => Decision::Nothing,
+        };
+    }
+    if !matches!(view.work, Work::Idle | Work::Fetching { preload: true, .. }) {
         return Decision::Nothing;
     }
     if let Some(retry) = view.retries.get(required) {
@@ -271,7 +319,10 @@ pub fn decide(view: &MachineView, required: Option<&str>, halted: bool, now_ms: 
             return Decision::WaitUntil(retry.not_before_ms);
         }
     }
-    if halted {
+    if let Some(until) = log.paused_until_unix_ms.filter(|u| *u > now_ms) {
+        return Decision::WaitUntil(until);
+    }
+    if log.halted {
         return Decision::Halted;
     }
     Decision::Plan(required.to_owned())
@@ -322,6 +373,13 @@ mod tests {
         }
     }
 
+    fn on(required: &str) -> Assignment<'_> {
+        Assignment {
+            required: Some(required),
+            ..Assignment::default()
+        }
+    }
+
     fn summary(image: &str, outcome: Outcome) -> UpdateSummary {
         UpdateSummary {
             plan_id: 1,
@@ -339,18 +397,25 @@ mod tests {
     #[test]
     fn a_compliant_machine_needs_nothing() {
         let view = compliant_on("a");
-        assert_eq!(decide(&view, Some("a"), false, 0), Decision::Nothing);
+        assert_eq!(decide(&view, &on("a"), 0), Decision::Nothing);
         assert_eq!(view.state(Some("a"), 0), "compliant");
     }
 
     #[test]
     fn a_new_required_image_is_planned_unless_halted() {
         let view = compliant_on("a");
+        assert_eq!(decide(&view, &on("b"), 0), Decision::Plan("b".into()));
         assert_eq!(
-            decide(&view, Some("b"), false, 0),
-            Decision::Plan("b".into())
+            decide(
+                &view,
+                &Assignment {
+                    halted: true,
+                    ..on("b")
+                },
+                0
+            ),
+            Decision::Halted
         );
-        assert_eq!(decide(&view, Some("b"), true, 0), Decision::Halted);
         assert_eq!(view.state(Some("b"), 0), "deviant");
     }
 
@@ -358,14 +423,15 @@ mod tests {
     fn nothing_is_decided_before_the_description_is_whole_or_while_work_runs() {
         let mut view = compliant_on("a");
         view.complete = false;
-        assert_eq!(decide(&view, Some("b"), false, 0), Decision::Nothing);
+        assert_eq!(decide(&view, &on("b"), 0), Decision::Nothing);
         let mut view = compliant_on("a");
         view.work = Work::Updating {
             plan_id: 1,
             image: "b".into(),
             started_unix_ms: 0,
+            high_impact: false,
         };
-        assert_eq!(decide(&view, Some("b"), false, 0), Decision::Nothing);
+        assert_eq!(decide(&view, &on("b"), 0), Decision::Nothing);
         assert_eq!(view.state(Some("b"), 0), "updating");
     }
 
@@ -374,13 +440,13 @@ mod tests {
         let mut view = compliant_on("a");
         view.finished(summary("b", Outcome::RolledBack), 1_000);
         assert_eq!(view.state(Some("b"), 1_000), "failed");
-        let first = match decide(&view, Some("b"), false, 1_000) {
+        let first = match decide(&view, &on("b"), 1_000) {
             Decision::WaitUntil(t) => t,
             other => panic!("{other:?}"),
         };
         assert!(first - 1_000 >= HEALTH_RETRY_BASE_MS);
         view.finished(summary("b", Outcome::RolledBack), first);
-        let second = match decide(&view, Some("b"), false, first) {
+        let second = match decide(&view, &on("b"), first) {
             Decision::WaitUntil(t) => t,
             other => panic!("{other:?}"),
         };
@@ -389,15 +455,42 @@ mod tests {
             "back-off doubles"
         );
         // Another image is not held back by b's failures.
-        assert_eq!(
-            decide(&view, Some("c"), false, first),
-            Decision::Plan("c".into())
-        );
+        assert_eq!(decide(&view, &on("c"), first), Decision::Plan("c".into()));
         // Once the back-off ends, b is tried again.
-        assert_eq!(
-            decide(&view, Some("b"), false, second),
-            Decision::Plan("b".into())
-        );
+        assert_eq!(decide(&view, &on("b"), second), Decision::Plan("b".into()));
+    }
+
+    #[test]
+    fn a_paused_machine_waits_until_its_pause_ends() {
+        let view = compliant_on("a");
+        let paused = Assignment {
+            paused_until_unix_ms: Some(5_000),
+            ..on("b")
+        };
+        assert_eq!(decide(&view, &paused, 1_000), Decision::WaitUntil(5_000));
+        assert_eq!(decide(&view, &paused, 5_000), Decision::Plan("b".into()));
+    }
+
+    #[test]
+    fn the_planned_image_is_preloaded_once_the_machine_is_compliant() {
+        let mut view = compliant_on("a");
+        let log = Assignment {
+            planned: Some("b"),
+            ..on("a")
+        };
+        assert_eq!(decide(&view, &log, 0), Decision::Preload("b".into()));
+        // Halts hold updates, not preloads.
+        let halted = Assignment {
+            halted: true,
+            ..log.clone()
+        };
+        assert_eq!(decide(&view, &halted, 0), Decision::Preload("b".into()));
+        view.preloaded = Some("b".into());
+        assert_eq!(decide(&view, &log, 0), Decision::Nothing);
+        // A deviant machine is corrected first.
+        let mut deviant = compliant_on("a");
+        deviant.delta.missing("/x");
+        assert_eq!(decide(&deviant, &log, 0), Decision::Plan("a".into()));
     }
 
     #[test]

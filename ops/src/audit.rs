@@ -92,21 +92,13 @@ pub fn parse_time(text: &str, now: OffsetDateTime) -> anyhow::Result<i64> {
     if let Ok(t) = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
         return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
     }
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: i64 = number
-        .parse()
+    let age = crate::machine::parse_duration(text)
         .map_err(|_| anyhow::anyhow!("{text:?} is neither RFC 3339 nor an age like 2h"))?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => bail!("{text:?} is neither RFC 3339 nor an age like 2h"),
-    };
-    Ok((now.unix_timestamp() - seconds) * 1000)
+    let seconds = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+    Ok(now
+        .unix_timestamp()
+        .saturating_sub(seconds)
+        .saturating_mul(1000))
 }
 
 /// The event's own fields as JSON: part of the output contract, so spelled out here.
@@ -142,6 +134,20 @@ pub fn change_json(change: &Change) -> Value {
             json!({ "hostnames": hostnames, "image": opt(image) })
         }
         Change::UpdatesHalted | Change::UpdatesResumed => json!({}),
+        Change::PolicySet(p) => json!({
+            "max_updating": p.max_updating,
+            "max_updating_percent": p.max_updating_percent,
+            "max_high_impact": p.max_high_impact,
+            "fetch_bytes_per_sec": p.fetch_bytes_per_sec,
+            "brake_failure_percent": p.brake_failure_percent,
+        }),
+        Change::MachinePaused {
+            hostname,
+            duration_ms,
+        } => json!({ "hostname": hostname, "duration_ms": duration_ms }),
+        Change::SafetyCleared { hostname, image } => {
+            json!({ "hostname": hostname, "image": image })
+        }
         Change::Batch(changes) => json!({
             "changes": changes.iter().map(|c| {
                 let mut v = change_json(c);
@@ -716,6 +722,10 @@ mod tests {
             1_800_000_000_000
         );
         assert!(parse_time("yesterday", now).is_err());
-        assert!(parse_time("5w", now).is_err());
+        assert_eq!(
+            parse_time("1h30m", now).unwrap(),
+            (1_800_000_000 - 5400) * 1000
+        );
+        assert!(parse_time("5 parsecs", now).is_err());
     }
 }

@@ -49,6 +49,28 @@ pub enum MachineCommand {
     /// Remove a machine from the fleet (its history stays in the log).
     #[command(after_help = "Example:\n  domadm machine remove web-01 --reason 'decommissioned'")]
     Remove { host: String },
+    /// Hold one machine's updates for a while; the pause ends by itself (`--for 0s` ends it now).
+    #[command(
+        after_help = "Example:\n  domadm machine pause web-01 --for 1h --reason 'disk swap'"
+    )]
+    Pause {
+        host: String,
+        /// How long, e.g. 90s, 30m, 1h, 2d.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+        duration: std::time::Duration,
+    },
+    /// Let the machine take an update held as unsafe (one deleting most of its files), to its
+    /// current required image.
+    #[command(
+        after_help = "Example:\n  domadm machine clear-safety web-01 --reason 'image really is that small'"
+    )]
+    ClearSafety { host: String },
+}
+
+/// `90s`, `30m`, `1h`, `1h30m`, `2d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 30m or 1h: {e}"))
 }
 
 fn parse_tag(text: &str) -> Result<(String, String), String> {
@@ -336,6 +358,58 @@ impl MachineCommand {
                 let machines: Vec<Machine> =
                     reply.machines.into_iter().map(Machine::from).collect();
                 output::print(ctx.output, &machines, &HEADERS, rows(&machines))
+            }
+            MachineCommand::Pause { host, duration } => {
+                if ctx.reason.trim().is_empty() {
+                    anyhow::bail!("say why with --reason: status shows it while the pause lasts");
+                }
+                let hostname = names::canonical_hostname(&host)?;
+                let done = if duration.is_zero() {
+                    format!("pause of {hostname} ended")
+                } else {
+                    format!(
+                        "{hostname} paused for {}",
+                        humantime::format_duration(duration)
+                    )
+                };
+                commit(
+                    ctx,
+                    Change::MachinePaused {
+                        hostname,
+                        duration_ms: duration.as_millis().try_into().unwrap_or(u64::MAX),
+                    },
+                    &done,
+                )
+                .await
+            }
+            MachineCommand::ClearSafety { host } => {
+                let hostname = names::canonical_hostname(&host)?;
+                let request = pb::GetMachineRequest {
+                    hostname: hostname.clone(),
+                };
+                let machine = ctx
+                    .cluster
+                    .call(|c| {
+                        let request = request.clone();
+                        async move { crate::client::admin(c).get_machine(request).await }
+                    })
+                    .await?;
+                if machine.required_image.is_empty() {
+                    anyhow::bail!("{hostname} has no required image, so no update to clear");
+                }
+                let done = format!(
+                    "{hostname} may take its update to {} even though it deletes most files",
+                    machine.required_image
+                );
+                commit(
+                    ctx,
+                    Change::SafetyCleared {
+                        hostname,
+                        image: machine.required_image,
+                    },
+                    &done,
+                )
+                .await
             }
             MachineCommand::Show { host } => {
                 let hostname = names::canonical_hostname(&host)?;

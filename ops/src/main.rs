@@ -9,6 +9,7 @@ mod image;
 mod ingest;
 mod machine;
 mod output;
+mod policy;
 mod status;
 
 use std::process::ExitCode;
@@ -72,7 +73,15 @@ enum Command {
     /// Each machine as its agent reports it: required and active image, state, deviations,
     /// last update, drift.
     Status(status::Status),
-    /// Start a local three-replica cluster on loopback and show it working.
+    /// Stop every machine from starting an update (fetches for planned images go on).
+    #[command(after_help = "Example:\n  domadm halt --reason 'web/2026.11.15 breaks logins'")]
+    Halt,
+    /// Let updates start again after a halt.
+    Resume,
+    /// Rollout limits and the automatic brake.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Start a local fleet on loopback (three replicas, N machines) and show it converging.
     Demo(demo::Demo),
 }
 
@@ -120,6 +129,9 @@ impl Cli {
             Command::Audit(cmd) => cmd.run(&mut context()?).await,
             Command::Assign(cmd) => cmd.run(&mut context()?).await,
             Command::Status(cmd) => cmd.run(&mut context()?).await,
+            Command::Halt => policy::halt(&mut context()?).await,
+            Command::Resume => policy::resume(&mut context()?).await,
+            Command::Policy(cmd) => cmd.run(&mut context()?).await,
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,

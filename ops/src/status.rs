@@ -56,6 +56,20 @@ pub struct MachineStatus {
     fetch: Option<Fetch>,
     root_hash: Option<String>,
     swept: bool,
+    last_fetch: Option<LastFetch>,
+    preloaded_image: Option<String>,
+    paused_until: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LastFetch {
+    image: String,
+    preload: bool,
+    objects_downloaded: u64,
+    bytes_downloaded: u64,
+    objects_total: u64,
+    bytes_total: u64,
+    finished: String,
 }
 
 #[derive(Serialize)]
@@ -108,6 +122,17 @@ fn from_pb(m: pb::MachineStatus) -> MachineStatus {
         }),
         root_hash: (!m.root_hash.is_empty()).then(|| hex::encode(&m.root_hash)),
         swept: m.swept,
+        last_fetch: m.last_fetch.map(|f| LastFetch {
+            image: f.image,
+            preload: f.preload,
+            objects_downloaded: f.objects_downloaded,
+            bytes_downloaded: f.bytes_downloaded,
+            objects_total: f.objects_total,
+            bytes_total: f.bytes_total,
+            finished: rfc3339(f.finished_unix_ms),
+        }),
+        preloaded_image: some(m.preloaded_image),
+        paused_until: (m.paused_until_unix_ms != 0).then(|| rfc3339(m.paused_until_unix_ms)),
     }
 }
 

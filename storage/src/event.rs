@@ -63,6 +63,27 @@ pub enum Change {
     UpdatesResumed,
     /// Machine changes applied together or not at all, in order.
     Batch(Vec<Change>),
+    PolicySet(PolicyChange),
+    /// Holds the machine's updates for `duration_ms` from the event's time (0 ends a pause).
+    MachinePaused {
+        hostname: String,
+        duration_ms: u64,
+    },
+    /// Lets the machine take an unsafe update (one deleting most of its files) to `image`.
+    SafetyCleared {
+        hostname: String,
+        image: String,
+    },
+}
+
+/// New rollout limits; `None` keeps the current value, `Some(0)` removes the limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub max_updating: Option<u64>,
+    pub max_updating_percent: Option<u32>,
+    pub max_high_impact: Option<u64>,
+    pub fetch_bytes_per_sec: Option<u64>,
+    pub brake_failure_percent: Option<u32>,
 }
 
 impl Change {
@@ -77,6 +98,9 @@ impl Change {
                 hostnames.iter().map(String::as_str).collect()
             }
             Change::Batch(changes) => changes.iter().flat_map(Change::machines_named).collect(),
+            Change::MachinePaused { hostname, .. } | Change::SafetyCleared { hostname, .. } => {
+                vec![hostname]
+            }
             _ => vec![],
         }
     }
@@ -98,6 +122,7 @@ impl Change {
                 image.iter().map(String::as_str).collect()
             }
             Change::Batch(changes) => changes.iter().flat_map(Change::images_named).collect(),
+            Change::SafetyCleared { image, .. } => vec![image],
             _ => vec![],
         }
     }
@@ -115,6 +140,9 @@ impl Change {
             Change::UpdatesHalted => "updates_halted",
             Change::UpdatesResumed => "updates_resumed",
             Change::Batch(_) => "batch",
+            Change::PolicySet(_) => "policy_set",
+            Change::MachinePaused { .. } => "machine_paused",
+            Change::SafetyCleared { .. } => "safety_cleared",
         }
     }
 }
@@ -264,6 +292,23 @@ impl From<Event> for pb::Event {
             Change::Batch(changes) => C::Batch(pb::ChangeBatch {
                 changes: changes.into_iter().filter_map(batched_to_pb).collect(),
             }),
+            Change::PolicySet(p) => C::PolicySet(pb::PolicySet {
+                max_updating: p.max_updating,
+                max_updating_percent: p.max_updating_percent,
+                max_high_impact: p.max_high_impact,
+                fetch_bytes_per_sec: p.fetch_bytes_per_sec,
+                brake_failure_percent: p.brake_failure_percent,
+            }),
+            Change::MachinePaused {
+                hostname,
+                duration_ms,
+            } => C::MachinePaused(pb::MachinePaused {
+                hostname,
+                duration_ms,
+            }),
+            Change::SafetyCleared { hostname, image } => {
+                C::SafetyCleared(pb::SafetyCleared { hostname, image })
+            }
         };
         pb::Event {
             actor: event.actor,
@@ -328,6 +373,21 @@ impl TryFrom<pb::Event> for Event {
                     .map(batched_from_pb)
                     .collect::<Result<_, _>>()?,
             ),
+            C::PolicySet(p) => Change::PolicySet(PolicyChange {
+                max_updating: p.max_updating,
+                max_updating_percent: p.max_updating_percent,
+                max_high_impact: p.max_high_impact,
+                fetch_bytes_per_sec: p.fetch_bytes_per_sec,
+                brake_failure_percent: p.brake_failure_percent,
+            }),
+            C::MachinePaused(m) => Change::MachinePaused {
+                hostname: m.hostname,
+                duration_ms: m.duration_ms,
+            },
+            C::SafetyCleared(m) => Change::SafetyCleared {
+                hostname: m.hostname,
+                image: m.image,
+            },
         };
         Ok(Event {
             actor: event.actor,
@@ -447,6 +507,30 @@ mod tests {
                         image: Some("web/2026.11.15".into()),
                     },
                 ])),
+            ),
+            (
+                "policy_set",
+                event(Change::PolicySet(PolicyChange {
+                    max_updating: None,
+                    max_updating_percent: Some(20),
+                    max_high_impact: Some(1),
+                    fetch_bytes_per_sec: Some(10 << 20),
+                    brake_failure_percent: None,
+                })),
+            ),
+            (
+                "machine_paused",
+                event(Change::MachinePaused {
+                    hostname: "web-01".into(),
+                    duration_ms: 3_600_000,
+                }),
+            ),
+            (
+                "safety_cleared",
+                event(Change::SafetyCleared {
+                    hostname: "web-01".into(),
+                    image: "web/2026.11.15".into(),
+                }),
             ),
         ]
     }

@@ -26,6 +26,11 @@ pub struct Machine {
     pub added_at: u64,
     /// Journal index of the last event that changed it.
     pub changed_at: u64,
+    /// Updates are held until then (the pausing event's time plus its duration).
+    pub paused_until_unix_ms: Option<i64>,
+    pub pause_reason: String,
+    /// An update to this image may delete most of the machine's files.
+    pub safety_cleared_image: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,10 +57,42 @@ pub struct Halt {
     pub journal_index: u64,
 }
 
+/// How many machines may update at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Limit {
+    Machines(u64),
+    Percent(u32),
+}
+
+impl Limit {
+    /// The limit for a fleet of `machines`; a percentage allows at least one machine.
+    pub fn of(self, machines: usize) -> usize {
+        match self {
+            Limit::Machines(n) => n as usize,
+            Limit::Percent(p) => (machines * p as usize / 100).max(1),
+        }
+    }
+}
+
+/// The brake's default share of failed health checks, in percent.
+pub const DEFAULT_BRAKE_FAILURE_PERCENT: u32 = 10;
+
 /// Fleet-wide settings that are not per machine or per image.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub halt: Option<Halt>,
+    pub max_updating: Option<Limit>,
+    pub max_high_impact: Option<u64>,
+    pub fetch_bytes_per_sec: Option<u64>,
+    /// None: the default.
+    pub brake_failure_percent: Option<u32>,
+}
+
+impl Policy {
+    pub fn brake_failure_percent(&self) -> u32 {
+        self.brake_failure_percent
+            .unwrap_or(DEFAULT_BRAKE_FAILURE_PERCENT)
+    }
 }
 
 /// Which persisted record an applied event changed.
@@ -101,6 +138,8 @@ pub enum Rejection {
     BadImage(String),
     #[error("a batch may hold only machine changes, not {0}")]
     BadBatch(&'static str),
+    #[error("invalid policy: {0}")]
+    BadPolicy(String),
 }
 
 impl Rejection {
@@ -199,8 +238,13 @@ impl Change {
                 hostnames.iter_mut().try_for_each(host)?;
                 i.iter_mut().try_for_each(image)?;
             }
-            Change::UpdatesHalted | Change::UpdatesResumed => {}
+            Change::UpdatesHalted | Change::UpdatesResumed | Change::PolicySet(_) => {}
             Change::Batch(changes) => changes.iter_mut().try_for_each(Change::canonicalize)?,
+            Change::MachinePaused { hostname, .. } => host(hostname)?,
+            Change::SafetyCleared { hostname, image: i } => {
+                host(hostname)?;
+                image(i)?;
+            }
         }
         Ok(())
     }
@@ -365,6 +409,29 @@ impl FleetState {
                 .as_ref()
                 .map(|_| ())
                 .ok_or(Rejection::NotHalted),
+            Change::PolicySet(p) => {
+                for (name, value) in [
+                    ("max_updating_percent", p.max_updating_percent),
+                    ("brake_failure_percent", p.brake_failure_percent),
+                ] {
+                    if value.is_some_and(|v| v > 100) {
+                        return Err(Rejection::BadPolicy(format!(
+                            "{name} is a percentage, at most 100"
+                        )));
+                    }
+                }
+                if p.max_updating.is_some() && p.max_updating_percent.is_some() {
+                    return Err(Rejection::BadPolicy(
+                        "max_updating is a number of machines or a percentage, not both".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Change::MachinePaused { hostname, .. } => self.known_machine(hostname),
+            Change::SafetyCleared { hostname, image } => {
+                self.known_machine(hostname)?;
+                self.live_image(image)
+            }
             Change::Batch(changes) => {
                 if let Some(c) = changes.iter().find(|c| !c.batchable()) {
                     return Err(Rejection::BadBatch(c.kind()));
@@ -458,6 +525,9 @@ impl FleetState {
                         planned_image: planned_image.clone(),
                         added_at: index,
                         changed_at: index,
+                        paused_until_unix_ms: None,
+                        pause_reason: String::new(),
+                        safety_cleared_image: None,
                     },
                 );
                 vec![Touched::Machine(hostname.clone())]
@@ -501,6 +571,52 @@ impl FleetState {
             Change::UpdatesResumed => {
                 self.policy.halt = None;
                 vec![Touched::Policy]
+            }
+            Change::PolicySet(p) => {
+                let policy = &mut self.policy;
+                if let Some(n) = p.max_updating {
+                    policy.max_updating = (n > 0).then_some(Limit::Machines(n));
+                }
+                if let Some(pc) = p.max_updating_percent {
+                    policy.max_updating = (pc > 0).then_some(Limit::Percent(pc));
+                }
+                if let Some(n) = p.max_high_impact {
+                    policy.max_high_impact = (n > 0).then_some(n);
+                }
+                if let Some(n) = p.fetch_bytes_per_sec {
+                    policy.fetch_bytes_per_sec = (n > 0).then_some(n);
+                }
+                if let Some(pc) = p.brake_failure_percent {
+                    policy.brake_failure_percent = Some(pc);
+                }
+                vec![Touched::Policy]
+            }
+            Change::MachinePaused {
+                hostname,
+                duration_ms,
+            } => {
+                if let Some(machine) = self.machines.get_mut(hostname) {
+                    if *duration_ms == 0 {
+                        machine.paused_until_unix_ms = None;
+                        machine.pause_reason.clear();
+                    } else {
+                        machine.paused_until_unix_ms = Some(
+                            event
+                                .time_unix_ms
+                                .saturating_add(i64::try_from(*duration_ms).unwrap_or(i64::MAX)),
+                        );
+                        machine.pause_reason.clone_from(&event.reason);
+                    }
+                    machine.changed_at = index;
+                }
+                vec![Touched::Machine(hostname.clone())]
+            }
+            Change::SafetyCleared { hostname, image } => {
+                if let Some(machine) = self.machines.get_mut(hostname) {
+                    machine.safety_cleared_image = Some(image.clone());
+                    machine.changed_at = index;
+                }
+                vec![Touched::Machine(hostname.clone())]
             }
             // Applied above, change by change.
             Change::Batch(_) => Vec::new(),
@@ -770,6 +886,110 @@ mod tests {
         assert_eq!(state.policy().halt.as_ref().unwrap().reason, "test");
         state.apply(2, &event(Change::UpdatesResumed)).unwrap();
         refused(&state, Change::UpdatesResumed, Rejection::NotHalted);
+    }
+
+    #[test]
+    fn policy_limits_are_set_changed_and_removed() {
+        use crate::event::PolicyChange;
+        let set = |p: PolicyChange| Change::PolicySet(p);
+        let mut state = fold([set(PolicyChange {
+            max_updating: Some(3),
+            max_high_impact: Some(1),
+            ..PolicyChange::default()
+        })]);
+        assert_eq!(state.policy().max_updating, Some(Limit::Machines(3)));
+        assert_eq!(state.policy().brake_failure_percent(), 10, "default brake");
+        state
+            .apply(
+                2,
+                &event(set(PolicyChange {
+                    max_updating_percent: Some(20),
+                    brake_failure_percent: Some(50),
+                    ..PolicyChange::default()
+                })),
+            )
+            .unwrap();
+        assert_eq!(state.policy().max_updating, Some(Limit::Percent(20)));
+        assert_eq!(
+            state.policy().max_high_impact,
+            Some(1),
+            "unset fields keep their value"
+        );
+        assert_eq!(state.policy().brake_failure_percent(), 50);
+        state
+            .apply(
+                3,
+                &event(set(PolicyChange {
+                    max_updating: Some(0),
+                    ..PolicyChange::default()
+                })),
+            )
+            .unwrap();
+        assert_eq!(state.policy().max_updating, None, "0 removes the limit");
+        refused(
+            &state,
+            set(PolicyChange {
+                max_updating_percent: Some(101),
+                ..PolicyChange::default()
+            }),
+            Rejection::BadPolicy("max_updating_percent is a percentage, at most 100".into()),
+        );
+        assert_eq!(
+            Limit::Percent(10).of(5),
+            1,
+            "a percentage allows at least one"
+        );
+        assert_eq!(Limit::Percent(50).of(10), 5);
+    }
+
+    #[test]
+    fn a_pause_ends_at_the_events_time_plus_its_duration() {
+        let mut state = fold([
+            add_image("base/1"),
+            add_machine("web-01", None),
+            Change::MachinePaused {
+                hostname: "web-01".into(),
+                duration_ms: 60_000,
+            },
+        ]);
+        let m = state.machine("web-01").unwrap();
+        assert_eq!(m.paused_until_unix_ms, Some(1_000 + 60_000));
+        assert_eq!(m.pause_reason, "test");
+        state
+            .apply(
+                9,
+                &event(Change::MachinePaused {
+                    hostname: "web-01".into(),
+                    duration_ms: 0,
+                }),
+            )
+            .unwrap();
+        assert_eq!(state.machine("web-01").unwrap().paused_until_unix_ms, None);
+        refused(
+            &state,
+            Change::SafetyCleared {
+                hostname: "web-01".into(),
+                image: "nope/1".into(),
+            },
+            Rejection::UnknownImage("nope/1".into()),
+        );
+        state
+            .apply(
+                10,
+                &event(Change::SafetyCleared {
+                    hostname: "web-01".into(),
+                    image: "base/1".into(),
+                }),
+            )
+            .unwrap();
+        assert_eq!(
+            state
+                .machine("web-01")
+                .unwrap()
+                .safety_cleared_image
+                .as_deref(),
+            Some("base/1")
+        );
     }
 
     #[test]

@@ -137,6 +137,21 @@ impl Transition {
     }
 }
 
+/// How many paths the machine described by `base` + `delta` has (its managed tree).
+pub fn machine_entries(base: Option<&Manifest>, delta: &Delta) -> usize {
+    let in_base = |p: &str| base.is_some_and(|b| b.get(p).is_some());
+    let base_len = base.map_or(0, |b| b.entries().len());
+    let (mut added, mut missing) = (0, 0);
+    for (path, entry) in delta.iter() {
+        match (entry, in_base(path)) {
+            (Some(_), false) => added += 1,
+            (None, true) => missing += 1,
+            _ => {}
+        }
+    }
+    base_len + added - missing
+}
+
 /// One change to a machine's tree.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Step {
@@ -457,6 +472,18 @@ mod tests {
                 Step::Write(v1.get("/etc/motd").unwrap().clone()),
             ]
         );
+    }
+
+    #[test]
+    fn the_machine_is_counted_from_its_base_and_delta() {
+        let v1 = image_v1();
+        assert_eq!(machine_entries(Some(&v1), &Delta::new()), 6);
+        let mut delta = Delta::new();
+        delta.missing("/etc/motd");
+        delta.differs(Entry::file("/etc/new", 0o644, 0, 0, 1, [1; 32]));
+        delta.differs(Entry::file("/etc/app.conf", 0o600, 0, 0, 3, [1; 32]));
+        assert_eq!(machine_entries(Some(&v1), &delta), 6);
+        assert_eq!(machine_entries(None, &delta), 2);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::types::{
 
 /// Version of the fleet records' encoding. The journal's encoding never changes, so records of
 /// an older version are rebuilt by folding the journal ([`rebuild_records`]).
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// What the state machine has applied, as one consistent view.
 #[derive(Debug, Clone, Default)]

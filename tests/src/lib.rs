@@ -8,6 +8,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use dom_agent::scan::{scan, ScanConfig};
+use dom_storage::image::Filter;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -402,4 +407,51 @@ impl Drop for Cluster {
             self.kill(id);
         }
     }
+}
+
+/// Writes `content` at the image path `path` under `root`, with `mode`, creating parents.
+pub fn write(root: &Path, path: &str, content: &str, mode: u32) {
+    let full = root.join(path.trim_start_matches('/'));
+    std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+    std::fs::write(&full, content).unwrap();
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The Merkle root of a directory as the agent computes it, leaving out `excluded`.
+pub fn tree_root(dir: &Path, excluded: &[&str]) -> String {
+    let config = ScanConfig {
+        root: dir.to_owned(),
+        excluded: Filter::new(excluded.iter().map(|s| s.to_string()).collect()).unwrap(),
+        bytes_per_sec: None,
+        one_file_system: true,
+        strict: false,
+    };
+    hex::encode(scan(&config, None, true).unwrap().root_hash())
+}
+
+/// Requires a successful command and returns its stdout.
+pub fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `domadm image add NAME SRC EXTRA...`, returning the image's root hash.
+pub fn add_image(cluster: &Cluster, name: &str, src: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["image", "add", name, src.to_str().unwrap()];
+    args.extend(extra);
+    ok(cluster.domadm(&args));
+    let images = cluster.domadm_json(&["image", "list"]);
+    images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap()["root_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
