@@ -32,6 +32,8 @@ const SWEEP_PAUSE: Duration = Duration::from_secs(1);
 
 pub struct Scanner {
     config: Mutex<ScanConfig>,
+    /// Hashing threads at idle CPU and I/O priority, for unpaced passes.
+    idle: rayon::ThreadPool,
     current: watch::Sender<Option<Snapshot>>,
     poke: (Mutex<bool>, Condvar),
     interval: Duration,
@@ -44,8 +46,16 @@ impl Scanner {
         interval: Duration,
     ) -> (Arc<Scanner>, watch::Receiver<Option<Snapshot>>) {
         let (current, receiver) = watch::channel(None);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let idle = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("scan-{i}"))
+            .start_handler(|_| lower_priority())
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the scanner's threads: {e}"));
         let scanner = Arc::new(Scanner {
             config: Mutex::new(config),
+            idle,
             current,
             poke: (Mutex::new(false), Condvar::new()),
             interval,
@@ -122,15 +132,17 @@ impl Scanner {
         loop {
             let current = self.snapshot();
             let from_seq = current.as_ref().map_or(0, |c| c.seq);
-            let mut config = self.config();
-            // The first pass reads everything, so it is paced like a sweep. Later passes read
-            // only files whose metadata changed: the machine just wrote them (they are
-            // usually still cached), and pacing them would delay seeing a changed file by its
-            // size over 2% of the disk's speed.
-            if current.is_some() {
-                config.bytes_per_sec = None;
-            }
-            match scan(&config, current.as_ref().map(|c| c.tree.as_ref()), false) {
+            // Metadata passes are not paced. The first reads everything once, at idle CPU and
+            // I/O priority, so it takes only what the machine leaves unused (paced at 2%, a
+            // large root would keep the machine undescribed for most of an hour after every
+            // agent restart). Later passes read only files whose metadata changed, which the
+            // machine just wrote; pacing them would delay seeing a change by its size.
+            let config = ScanConfig {
+                bytes_per_sec: None,
+                ..self.config()
+            };
+            let previous = current.as_ref().map(|c| c.tree.as_ref());
+            match self.idle.install(|| scan(&config, previous, false)) {
                 Ok(tree) => self.publish(from_seq, tree, false),
                 Err(e) => tracing::warn!("metadata pass failed: {e}"),
             }

@@ -315,17 +315,15 @@ impl Agent {
             .unwrap_or_default();
         let mut excluded = self.config.excluded.clone();
         excluded.extend(mount_points.iter().map(|m| regex_escape(m)));
-        send(
-            &out,
-            pb::agent_message::Body::Hello(pb::Hello {
-                hostname: self.config.hostname.clone(),
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                excluded,
-                last_update: self.last_report.as_ref().map(report_to_pb),
-                in_flight: self.in_flight.as_ref().map(|(info, _)| info.clone()),
-            }),
-        )
-        .await;
+        let hello = pb::Hello {
+            hostname: self.config.hostname.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            excluded,
+            last_update: self.last_report.as_ref().map(report_to_pb),
+            in_flight: self.in_flight.as_ref().map(|(info, _)| info.clone()),
+        };
+        tracing::debug!(bytes = prost::Message::encoded_len(&hello), "hello");
+        send(&out, pb::agent_message::Body::Hello(hello)).await;
         let mut client = AgentClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -394,6 +392,7 @@ impl Agent {
                 if let Err(e) = self.set_base(&image, &hash, filter) {
                     tracing::warn!("keeping the old base: {e:#}");
                 }
+                self.collect_cache();
             }
         }
         self.pending_base = None;
@@ -402,7 +401,31 @@ impl Agent {
     }
 }
 
+/// Cached objects the base image does not use stay this long after their last fetch, so a
+/// planned image preloaded today is still there when it becomes required.
+const CACHE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 impl Agent {
+    /// Drops cached objects the machine's image no longer uses, once idle past the grace.
+    fn collect_cache(&self) {
+        let Some(base) = &self.base else { return };
+        let mut keep: std::collections::HashSet<Hash> =
+            base.manifest.object_hashes().into_iter().collect();
+        if let Some(h) = hex::decode(&base.record.manifest_hash)
+            .ok()
+            .and_then(|b| parse_hash(&b))
+        {
+            keep.insert(h);
+        }
+        match self.objects.collect_garbage(&keep, CACHE_GRACE) {
+            Ok(r) if r.removed > 0 => {
+                tracing::info!(removed = r.removed, bytes = r.removed_bytes, "object cache trimmed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("trimming the object cache: {e}"),
+        }
+    }
+
     fn base_image(&self) -> String {
         self.base
             .as_ref()
@@ -428,8 +451,15 @@ impl Agent {
             .iter()
             .map(|(p, e)| (p.to_owned(), e.map(entry_to_pb)))
             .collect();
-        self.send_pages(out, items, vec![], true, root_hash, snapshot.swept)
+        let bytes = self
+            .send_pages(out, items, vec![], true, root_hash, snapshot.swept)
             .await;
+        tracing::info!(
+            base = %self.base_image(),
+            deviations = delta.len(),
+            bytes,
+            "described the machine"
+        );
         Ok(Described {
             delta,
             root_hash,
@@ -487,8 +517,9 @@ impl Agent {
         reset: bool,
         root_hash: Hash,
         swept: bool,
-    ) {
+    ) -> usize {
         let pages = items.len().div_ceil(ENTRIES_PER_PAGE).max(1);
+        let mut bytes = 0;
         let mut items = items.into_iter();
         let mut matches = Some(matches);
         for page in 0..pages {
@@ -500,22 +531,21 @@ impl Agent {
                     None => missing.push(path),
                 }
             }
-            send(
-                out,
-                pb::agent_message::Body::State(pb::MachineState {
-                    generation: self.generation,
-                    reset: reset && page == 0,
-                    complete: page + 1 == pages,
-                    base_image: self.base_image(),
-                    root_hash: root_hash.to_vec(),
-                    differs,
-                    missing,
-                    matches: matches.take().unwrap_or_default(),
-                    swept,
-                }),
-            )
-            .await;
+            let state = pb::MachineState {
+                generation: self.generation,
+                reset: reset && page == 0,
+                complete: page + 1 == pages,
+                base_image: self.base_image(),
+                root_hash: root_hash.to_vec(),
+                differs,
+                missing,
+                matches: matches.take().unwrap_or_default(),
+                swept,
+            };
+            bytes += prost::Message::encoded_len(&state);
+            send(out, pb::agent_message::Body::State(state)).await;
         }
+        bytes
     }
 
     #[allow(clippy::too_many_arguments)]
