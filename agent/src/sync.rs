@@ -419,7 +419,11 @@ impl Agent {
         }
         match self.objects.collect_garbage(&keep, CACHE_GRACE) {
             Ok(r) if r.removed > 0 => {
-                tracing::info!(removed = r.removed, bytes = r.removed_bytes, "object cache trimmed")
+                tracing::info!(
+                    removed = r.removed,
+                    bytes = r.removed_bytes,
+                    "object cache trimmed"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("trimming the object cache: {e}"),
