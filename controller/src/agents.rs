@@ -91,11 +91,17 @@ pub struct Reconciler {
     sessions: Mutex<HashMap<String, u64>>,
     manifests: Mutex<Cache<Hash, Manifest>>,
     transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
+    /// Plans for machines exactly on their base, by (base, target, agent exclusions).
+    plans: Mutex<Cache<SharedPlanKey, Plan>>,
+    /// Compiled agent exclusions, shared by every machine that sends the same lines.
+    filters: Mutex<HashMap<Vec<String>, Filter>>,
     next_session: AtomicU64,
     next_plan: AtomicU64,
     /// Counts freed update slots; sessions waiting for one watch it (a watch, unlike a
     /// notification, is never missed by a session busy at the moment a slot frees).
     slots: tokio::sync::watch::Sender<u64>,
+    /// The term this replica leads in, and since when (for the warm-up).
+    leader_since: Mutex<(u64, std::time::Instant)>,
     /// One brake at a time, so racing failures append one halt, not several.
     braking: tokio::sync::Mutex<()>,
     /// Recent update outcomes per image (time, machine, health check failed), for the brake.
@@ -106,8 +112,13 @@ pub struct Reconciler {
 /// failed.
 type Attempt = (i64, String, bool);
 
+/// Longest a new leader waits for agents to report updates in flight before starting any.
+const LEADER_WARMUP: Duration = Duration::from_secs(10);
+
 /// How far back the automatic brake looks.
 pub const BRAKE_WINDOW_MS: i64 = 10 * 60 * 1000;
+
+type SharedPlanKey = (Option<Hash>, Hash, Vec<String>);
 
 /// An image as a plan target: its manifest and what it leaves alone.
 struct TargetImage {
@@ -136,10 +147,13 @@ impl Reconciler {
             sessions: Mutex::new(HashMap::new()),
             manifests: Mutex::new(Cache::new(MANIFEST_CACHE)),
             transitions: Mutex::new(Cache::new(TRANSITION_CACHE)),
+            plans: Mutex::new(Cache::new(TRANSITION_CACHE)),
+            filters: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             next_plan: AtomicU64::new(1),
             slots: tokio::sync::watch::channel(0).0,
             braking: tokio::sync::Mutex::new(()),
+            leader_since: Mutex::new((0, std::time::Instant::now())),
             outcomes: Mutex::new(HashMap::new()),
         })
     }
@@ -222,6 +236,35 @@ impl Reconciler {
             filter,
             triggers: image.triggers,
         }))
+    }
+
+    /// While a new leader waits for the agents to report updates still in flight (a previous
+    /// leader started them, and they count against the limits), when that wait ends. It ends
+    /// early once every machine of the fleet has said hello. The first leader of a cluster
+    /// (term 1) has no predecessor and does not wait.
+    fn warming_up(&self, fleet_size: usize) -> Option<std::time::Instant> {
+        let term = self.raft.metrics().borrow().current_term;
+        if term <= 1 {
+            return None;
+        }
+        let started = self.note_term(term);
+        let ends = started + LEADER_WARMUP;
+        let connected = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        (std::time::Instant::now() < ends && connected < fleet_size).then_some(ends)
+    }
+
+    /// Remembers when this replica began to lead in `term` (the first time it is asked in that
+    /// term: a hello or an update attempt, which follow an election closely).
+    fn note_term(&self, term: u64) -> std::time::Instant {
+        let mut since = self.leader_since.lock().unwrap_or_else(|p| p.into_inner());
+        if since.0 != term {
+            *since = (term, std::time::Instant::now());
+        }
+        since.1
     }
 
     /// Takes an update slot for `hostname` if the rollout limits allow, atomically with every
@@ -319,6 +362,20 @@ impl Reconciler {
                 e.message()
             );
         }
+    }
+
+    /// An agent's exclusions, compiled once per distinct list (agents mostly share one).
+    fn agent_filter(&self, lines: &[String]) -> Result<Filter, Status> {
+        let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = filters.get(lines) {
+            return Ok(f.clone());
+        }
+        let filter = Filter::new(lines.to_vec())
+            .map_err(|e| Status::invalid_argument(format!("agent exclusions: {e}")))?;
+        if filters.len() < 1024 {
+            filters.insert(lines.to_vec(), filter.clone());
+        }
+        Ok(filter)
     }
 
     /// Every machine of the fleet with its soft state, for `domadm status`.
@@ -526,7 +583,7 @@ type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
 /// A plan the session has started: fetched first, then sent as an update.
 struct Pending {
     plan_id: u64,
-    plan: Plan,
+    plan: Arc<Plan>,
     generation: u64,
     manifest_hash: Hash,
     filter: Vec<String>,
@@ -912,18 +969,42 @@ impl Session {
                 .map(|b| (&b.manifest_hash, b.manifest.as_ref())),
             (&target.manifest_hash, &target.manifest),
         );
-        let plan = plan::plan(
-            &Target {
-                name: &target.name,
-                manifest: &target.manifest,
-                filter: &target.filter,
-                triggers: &target.triggers,
-            },
-            base.as_ref().map(|b| b.manifest.as_ref()),
-            &transition,
-            &view.delta,
-            &view.excluded,
-        );
+        // A machine exactly on its base gets the plan every such machine gets: computed once
+        // and shared, so a fleet-wide assignment costs the leader one plan, not one per machine.
+        let shared_key = view.delta.is_empty().then(|| {
+            (
+                base.as_ref().map(|b| b.manifest_hash),
+                target.manifest_hash,
+                view.excluded.lines().to_vec(),
+            )
+        });
+        let cached = shared_key
+            .as_ref()
+            .and_then(|k| r.plans.lock().unwrap_or_else(|p| p.into_inner()).get(k));
+        let plan = match cached {
+            Some(plan) => plan,
+            None => {
+                let plan = Arc::new(plan::plan(
+                    &Target {
+                        name: &target.name,
+                        manifest: &target.manifest,
+                        filter: &target.filter,
+                        triggers: &target.triggers,
+                    },
+                    base.as_ref().map(|b| b.manifest.as_ref()),
+                    &transition,
+                    &view.delta,
+                    &view.excluded,
+                ));
+                if let Some(k) = shared_key {
+                    r.plans
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(k, plan.clone());
+                }
+                plan
+            }
+        };
         if preload {
             if plan.objects().is_empty() {
                 r.with_machine(&self.hostname, |v| v.preloaded = Some(image.to_owned()));
@@ -1042,7 +1123,15 @@ impl Session {
             return Ok(());
         }
         let now = now_unix_ms();
-        let hold = if policy.halt.is_some() {
+        let warming = r.warming_up(fleet_size);
+        let hold = if let Some(ends) = warming {
+            let wait = ends.saturating_duration_since(std::time::Instant::now());
+            self.wait_until = Some(now + wait.as_millis() as i64);
+            Some(format!(
+                "fetched; a new leader waits up to {}s for every agent to report updates in flight",
+                wait.as_secs() + 1
+            ))
+        } else if policy.halt.is_some() {
             Some("fetched; updates are halted".to_owned())
         } else if let Some(until) = machine.paused_until_unix_ms.filter(|u| *u > now) {
             self.wait_until = Some(until);
@@ -1119,8 +1208,8 @@ impl pb::agent_server::Agent for AgentService {
                 "machine {hostname} is not in the fleet; add it with `domadm machine add {hostname}`"
             )));
         }
-        let excluded = Filter::new(hello.excluded.clone())
-            .map_err(|e| Status::invalid_argument(format!("agent exclusions: {e}")))?;
+        let excluded = r.agent_filter(&hello.excluded)?;
+        r.note_term(r.raft.metrics().borrow().current_term);
         let id = r.next_session.fetch_add(1, Ordering::Relaxed);
         r.sessions
             .lock()

@@ -182,6 +182,11 @@ impl Cluster {
         std::fs::read_to_string(&self.replicas[&id].log).unwrap_or_default()
     }
 
+    /// The process id of a running replica.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.replicas[&id].child.as_ref().map(Child::id)
+    }
+
     pub fn endpoints(&self) -> String {
         self.replicas
             .values()

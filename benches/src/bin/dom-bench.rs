@@ -54,6 +54,17 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// N simulated agents (real gRPC streams, one process) against a real three-replica
+    /// cluster: connect and comply, a fleet-wide assign, leader memory and CPU, reconnect
+    /// bytes, and recovery after the leader is killed.
+    Agents {
+        /// Simulated machines.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Files in the image.
+        #[arg(long, default_value_t = 2000)]
+        files: u64,
+    },
     /// Replay a generated journal (`audit replay --data-dir`), and answer `audit log --machine`
     /// through the audit index beside a scan of the journal.
     Replay {
@@ -580,11 +591,175 @@ fn update(files: usize, size: usize, runs: usize) {
     println!("{json}");
 }
 
+/// Writes `files` small files (in directories of 200), `changed` of them (every
+/// `files/changed`-th) with a second version's content.
+fn small_tree(root: &Path, files: u64, version: u32, every: u64) -> std::io::Result<()> {
+    for i in 0..files {
+        let dir = root.join(format!("d{:04}", i / 200));
+        if i % 200 == 0 {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let v = if every > 0 && i % every == 0 {
+            version
+        } else {
+            1
+        };
+        std::fs::write(
+            dir.join(format!("f{i:06}")),
+            format!("file {i} version {v}\n"),
+        )?;
+    }
+    Ok(())
+}
+
+fn agents_bench(n: usize, files: u64) {
+    use dom_benches::agents::{self, Connections, Counters};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let work = tempfile::tempdir().expect("temp dir");
+    eprintln!("generating two versions of a {files}-file image (1% of files differ)");
+    for v in 1..=2u32 {
+        small_tree(&work.path().join(format!("v{v}")), files, v, 100).expect("generate tree");
+    }
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(None);
+    let mut roots = std::collections::HashMap::new();
+    for v in 1..=2 {
+        let name = format!("bench/{v}");
+        let src = work.path().join(format!("v{v}"));
+        let out = cluster.domadm(&["image", "add", &name, src.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "image add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for image in cluster
+        .domadm_json(&["image", "list"])
+        .as_array()
+        .expect("images")
+    {
+        let root = hex::decode(image["root_hash"].as_str().unwrap_or_default()).unwrap_or_default();
+        roots.insert(image["name"].as_str().unwrap_or_default().to_owned(), root);
+    }
+    let mdb: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"Hostname": format!("sim-{i:05}"), "RequiredImage": "bench/1"}))
+        .collect();
+    let mdb_path = work.path().join("mdb.json");
+    std::fs::write(&mdb_path, serde_json::to_vec(&mdb).expect("json")).expect("write mdb");
+    let out = cluster.domadm(&["machine", "import", mdb_path.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let addrs: Vec<String> = cluster.endpoints().split(',').map(str::to_owned).collect();
+    let leader_pid = cluster.pid(leader).expect("leader pid");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // Lazy channels start their connection tasks on this runtime.
+    let _entered = runtime.enter();
+    let sim = Arc::new(agents::Sim {
+        controllers: addrs.clone(),
+        connections: Connections::new(&addrs, n),
+        roots: Arc::new(std::sync::Mutex::new(roots)),
+        counters: Counters::default(),
+        start: Instant::now(),
+    });
+    let (counters, start) = (&sim.counters, sim.start);
+    eprintln!("starting {n} simulated agents");
+    for i in 0..n {
+        runtime.spawn(agents::agent(
+            i,
+            format!("sim-{i:05}"),
+            "bench/1".into(),
+            sim.clone(),
+        ));
+    }
+    let limit = Duration::from_secs(600);
+    let connect_compliant_s = runtime.block_on(agents::wait_compliant(&addrs, "bench/1", n, limit));
+    let rss_connected = agents::rss_bytes(leader_pid);
+    let cpu_before = agents::cpu_seconds(leader_pid);
+
+    counters.plans.store(0, Ordering::SeqCst);
+    let assign_start = start.elapsed();
+    let out = cluster.domadm(&["assign", "--required", "bench/2", "--all"]);
+    assert!(
+        out.status.success(),
+        "assign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rss_peak = rss_connected;
+    let plans_start = Instant::now();
+    while counters.plans.load(Ordering::SeqCst) < n {
+        rss_peak = rss_peak.max(agents::rss_bytes(leader_pid));
+        assert!(
+            plans_start.elapsed() < limit,
+            "not every agent got its plan"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last_plan = Duration::from_nanos(counters.last_plan_ns.load(Ordering::SeqCst));
+    let assign_to_last_plan_s = last_plan.saturating_sub(assign_start).as_secs_f64();
+    runtime.block_on(agents::wait_compliant(&addrs, "bench/2", n, limit));
+    let rollout_s = (start.elapsed() - assign_start).as_secs_f64();
+    rss_peak = rss_peak.max(agents::rss_bytes(leader_pid));
+    let leader_cpu_s = agents::cpu_seconds(leader_pid) - cpu_before;
+
+    counters.connect_bytes.store(0, Ordering::SeqCst);
+    counters.connects.store(0, Ordering::SeqCst);
+    let killed = Instant::now();
+    cluster.kill(leader);
+    let others: Vec<String> = cluster
+        .replicas
+        .values()
+        .filter(|r| r.id != leader)
+        .map(|r| r.addr.clone())
+        .collect();
+    runtime.block_on(agents::wait_compliant(&others, "bench/2", n, limit));
+    let failover_to_compliant_s = killed.elapsed().as_secs_f64();
+    let connects = counters.connects.load(Ordering::SeqCst).max(1);
+    let reconnect_bytes_per_agent = counters.connect_bytes.load(Ordering::SeqCst) / connects;
+
+    println!("{n} simulated agents, image of {files} files, 3 replicas on loopback:");
+    println!("  all connected and compliant:           {connect_compliant_s:.2} s");
+    println!("  assign (all) to the last agent's plan: {assign_to_last_plan_s:.3} s");
+    println!("  assign (all) to all compliant again:   {rollout_s:.2} s");
+    println!(
+        "  leader RSS: {} MiB connected, {} MiB peak; leader CPU during the rollout: {leader_cpu_s:.2} s",
+        rss_connected >> 20,
+        rss_peak >> 20
+    );
+    println!("  bytes a compliant agent sends to reconnect (hello + description): {reconnect_bytes_per_agent}");
+    println!(
+        "  leader SIGKILLed -> all compliant on the new leader: {failover_to_compliant_s:.2} s"
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "agents",
+            "agents": n,
+            "files": files,
+            "connect_compliant_s": connect_compliant_s,
+            "assign_to_last_plan_s": assign_to_last_plan_s,
+            "rollout_s": rollout_s,
+            "leader_rss_bytes": rss_peak,
+            "leader_cpu_s": leader_cpu_s,
+            "reconnect_bytes_per_agent": reconnect_bytes_per_agent,
+            "failover_to_compliant_s": failover_to_compliant_s,
+        })
+    );
+    runtime.shutdown_background();
+}
+
 fn main() {
     match Cli::parse().command {
         Bench::Ingest { bytes, files } => ingest(bytes, files),
         Bench::Scan { bytes, files, runs } => scan(bytes, files, runs),
         Bench::Replay { events } => replay(events),
         Bench::Update { files, size, runs } => update(files, size, runs),
+        Bench::Agents { agents, files } => agents_bench(agents, files),
     }
 }

@@ -1,0 +1,282 @@
+//! `dom-bench agents`: many simulated agents, each a real `Agent.Sync` gRPC stream, against a
+//! real three-replica cluster.
+//!
+//! A simulated agent speaks the protocol as `subd` does but owns no files: it says hello with
+//! the default exclusions, describes itself as exactly on its base image (no deviations, the
+//! image's root hash), acknowledges fetches at once and answers every update as applied, then
+//! describes itself on the new image. What is measured is the control plane: how fast the
+//! leader takes N machines in, plans for them, and gets them back after it dies.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dom_proto::v1 as pb;
+use dom_proto::v1::admin_client::AdminClient;
+use dom_proto::v1::agent_client::AgentClient;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// Agents sharing one HTTP/2 connection.
+const AGENTS_PER_CONNECTION: usize = 100;
+
+/// What every simulated agent reports into.
+#[derive(Default)]
+pub struct Counters {
+    /// Agents that received a Fetch since `plans_since` was reset.
+    pub plans: AtomicUsize,
+    /// Nanoseconds since the bench's start when the last plan arrived.
+    pub last_plan_ns: AtomicU64,
+    /// Bytes of hello + description sent on the latest (re)connection of each agent, summed.
+    pub connect_bytes: AtomicU64,
+    pub connects: AtomicU64,
+}
+
+/// The image roots the agents report, by name.
+pub type Roots = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("bad address {addr}: {e}"))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+/// One connection per `AGENTS_PER_CONNECTION` agents, to each controller.
+pub struct Connections {
+    pub by_addr: std::collections::HashMap<String, Vec<Channel>>,
+}
+
+impl Connections {
+    pub fn new(addrs: &[String], agents: usize) -> Connections {
+        let per = agents.div_ceil(AGENTS_PER_CONNECTION).max(1);
+        Connections {
+            by_addr: addrs
+                .iter()
+                .map(|a| (a.clone(), (0..per).map(|_| channel(a)).collect()))
+                .collect(),
+        }
+    }
+
+    fn get(&self, addr: &str, i: usize) -> Channel {
+        match self.by_addr.get(addr) {
+            Some(list) => list[(i / AGENTS_PER_CONNECTION) % list.len()].clone(),
+            None => channel(addr),
+        }
+    }
+}
+
+/// What every simulated agent shares.
+pub struct Sim {
+    pub controllers: Vec<String>,
+    pub connections: Connections,
+    pub roots: Roots,
+    pub counters: Counters,
+    pub start: Instant,
+}
+
+/// Runs one simulated agent for ever, reconnecting (and following leader hints) as `subd` does.
+pub async fn agent(i: usize, hostname: String, mut base: String, sim: Arc<Sim>) {
+    let Sim {
+        controllers,
+        connections,
+        roots,
+        counters,
+        start,
+    } = &*sim;
+    let start = *start;
+    let excluded = dom_agent::scan::default_exclusions();
+    let mut generation = 0u64;
+    let mut addr = controllers[i % controllers.len()].clone();
+    let mut attempt = 0usize;
+    loop {
+        let root = roots
+            .lock()
+            .map(|r| r.get(&base).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        generation += 1;
+        let hello = pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                hostname: hostname.clone(),
+                agent_version: "sim".into(),
+                excluded: excluded.clone(),
+                last_update: None,
+                in_flight: None,
+            })),
+        };
+        let state = describe(generation, &base, &root);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
+        let bytes = hello.encoded_len() + state.encoded_len();
+        let _ = tx.send(hello).await;
+        let _ = tx.send(state).await;
+        let mut client = AgentClient::new(connections.get(&addr, i));
+        let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                attempt += 1;
+                addr = match status
+                    .metadata()
+                    .get("dom-leader")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(leader) => leader.to_owned(),
+                    None => {
+                        // Spread retries out as subd's jittered back-off does.
+                        let ms = 100 + (i as u64 * 7919 + attempt as u64 * 104_729) % 400;
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        controllers[(i + attempt) % controllers.len()].clone()
+                    }
+                };
+                continue;
+            }
+        };
+        counters
+            .connect_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        counters.connects.fetch_add(1, Ordering::Relaxed);
+        let mut update_image = None;
+        while let Ok(Some(message)) = inbound.message().await {
+            use pb::controller_message::Body;
+            match message.body {
+                Some(Body::Fetch(f)) => {
+                    counters.plans.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .last_plan_ns
+                        .fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let total: u64 = f.objects.iter().map(|o| o.size).sum();
+                    let _ = tx
+                        .send(pb::AgentMessage {
+                            body: Some(pb::agent_message::Body::FetchProgress(pb::FetchProgress {
+                                plan_id: f.plan_id,
+                                objects_done: f.objects.len() as u64,
+                                objects_total: f.objects.len() as u64,
+                                bytes_done: total,
+                                bytes_total: total,
+                                done: true,
+                                ..Default::default()
+                            })),
+                        })
+                        .await;
+                }
+                Some(Body::Update(u)) => {
+                    update_image.get_or_insert(u.image.clone());
+                    if u.complete {
+                        let image = update_image.take().unwrap_or_default();
+                        let _ = tx
+                            .send(pb::AgentMessage {
+                                body: Some(pb::agent_message::Body::UpdateResult(
+                                    pb::UpdateResult {
+                                        plan_id: u.plan_id,
+                                        image: image.clone(),
+                                        outcome: pb::UpdateOutcome::Applied as i32,
+                                        ..Default::default()
+                                    },
+                                )),
+                            })
+                            .await;
+                        base = image;
+                        generation += 1;
+                        let root = roots
+                            .lock()
+                            .map(|r| r.get(&base).cloned().unwrap_or_default())
+                            .unwrap_or_default();
+                        let _ = tx.send(describe(generation, &base, &root)).await;
+                    }
+                }
+                Some(Body::Rebase(r)) => {
+                    base = r.image;
+                    generation += 1;
+                    let root = roots
+                        .lock()
+                        .map(|m| m.get(&base).cloned().unwrap_or_default())
+                        .unwrap_or_default();
+                    let _ = tx.send(describe(generation, &base, &root)).await;
+                }
+                _ => {}
+            }
+        }
+        // The stream ended (the leader died): find the new one.
+        addr = controllers[(i + attempt + 1) % controllers.len()].clone();
+        attempt += 1;
+    }
+}
+
+fn describe(generation: u64, base: &str, root: &[u8]) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::State(pb::MachineState {
+            generation,
+            reset: true,
+            complete: true,
+            base_image: base.to_owned(),
+            root_hash: root.to_vec(),
+            swept: true,
+            ..Default::default()
+        })),
+    }
+}
+
+/// How many machines the leader reports compliant on `image` (None: not answered).
+pub async fn compliant(addrs: &[String], image: &str) -> Option<usize> {
+    for addr in addrs {
+        let mut client = AdminClient::new(channel(addr)).max_decoding_message_size(256 << 20);
+        let mut request = tonic::Request::new(pb::StatusRequest::default());
+        request.set_timeout(Duration::from_secs(10));
+        if let Ok(reply) = client.status(request).await {
+            return Some(
+                reply
+                    .into_inner()
+                    .machines
+                    .iter()
+                    .filter(|m| m.state == "compliant" && m.active_image == image)
+                    .count(),
+            );
+        }
+    }
+    None
+}
+
+/// Waits until `n` machines are compliant on `image`, polling the cluster.
+pub async fn wait_compliant(addrs: &[String], image: &str, n: usize, limit: Duration) -> f64 {
+    let start = Instant::now();
+    loop {
+        if compliant(addrs, image).await == Some(n) {
+            return start.elapsed().as_secs_f64();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{n} machines not compliant on {image} within {limit:?} (last count {:?})",
+            compliant(addrs, image).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) of a process so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf with a constant name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
