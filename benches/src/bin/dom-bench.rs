@@ -65,6 +65,16 @@ enum Bench {
         #[arg(long, default_value_t = 2000)]
         files: u64,
     },
+    /// Durable commits per second and commit latency on a three-replica cluster, beside a
+    /// three-member etcd cluster (when `etcd` is on PATH) under the same workload.
+    Writes {
+        /// Concurrent writers, one run per level.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        concurrency: Vec<usize>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Replay a generated journal (`audit replay --data-dir`), and answer `audit log --machine`
     /// through the audit index beside a scan of the journal.
     Replay {
@@ -754,6 +764,85 @@ fn agents_bench(n: usize, files: u64) {
     runtime.shutdown_background();
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn writes_bench(levels: &[usize], seconds: u64) {
+    use dom_benches::writes::{self, EtcdCluster, VALUE_BYTES};
+    use std::time::Duration;
+
+    let most = levels.iter().copied().max().unwrap_or(1);
+    let cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(None);
+    let work = tempfile::tempdir().expect("temp dir");
+    let mdb: Vec<serde_json::Value> = (0..most)
+        .map(|i| serde_json::json!({"Hostname": format!("bench-{i}")}))
+        .collect();
+    let mdb_path = work.path().join("mdb.json");
+    std::fs::write(&mdb_path, serde_json::to_vec(&mdb).expect("json")).expect("write mdb");
+    let out = cluster.domadm(&["machine", "import", mdb_path.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leader_addr = cluster.replicas[&leader].addr.clone();
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _entered = runtime.enter();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let etcd = EtcdCluster::start(&ports);
+    match &etcd {
+        Some(e) => runtime.block_on(e.wait_ready()),
+        None => eprintln!(
+            "note: no etcd on PATH (benches/setup.sh installs Debian's etcd-server); dom only"
+        ),
+    }
+    let duration = Duration::from_secs(seconds);
+    println!(
+        "durable writes of {VALUE_BYTES}-byte values, 3 replicas/members on loopback, {seconds} s per level:"
+    );
+    for &c in levels {
+        let dom = runtime.block_on(writes::dom(&leader_addr, c, duration));
+        let etcd_figures = etcd
+            .as_ref()
+            .map(|e| runtime.block_on(writes::etcd(&e.endpoints, c, duration)));
+        let ratio = etcd_figures.map(|e| dom.per_sec / e.per_sec.max(f64::MIN_POSITIVE));
+        println!(
+            "  concurrency {c:>3}: dom {:>8.0} writes/s p50 {:>6.2} ms p99 {:>6.2} ms{}",
+            dom.per_sec,
+            dom.p50_ms,
+            dom.p99_ms,
+            etcd_figures.map_or(String::new(), |e| format!(
+                " | etcd {:>8.0} writes/s p50 {:>6.2} ms p99 {:>6.2} ms | dom/etcd {:.2}",
+                e.per_sec,
+                e.p50_ms,
+                e.p99_ms,
+                ratio.unwrap_or(0.0)
+            ))
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "writes",
+                "concurrency": c,
+                "dom_events_per_sec": dom.per_sec,
+                "dom_p50_ms": dom.p50_ms,
+                "dom_p99_ms": dom.p99_ms,
+                "etcd_events_per_sec": etcd_figures.map(|e| e.per_sec),
+                "etcd_p50_ms": etcd_figures.map(|e| e.p50_ms),
+                "etcd_p99_ms": etcd_figures.map(|e| e.p99_ms),
+                "ratio": ratio,
+            })
+        );
+    }
+    drop(etcd);
+}
+
 fn main() {
     match Cli::parse().command {
         Bench::Ingest { bytes, files } => ingest(bytes, files),
@@ -761,5 +850,9 @@ fn main() {
         Bench::Replay { events } => replay(events),
         Bench::Update { files, size, runs } => update(files, size, runs),
         Bench::Agents { agents, files } => agents_bench(agents, files),
+        Bench::Writes {
+            concurrency,
+            seconds,
+        } => writes_bench(&concurrency, seconds),
     }
 }
