@@ -3,6 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
+        "dom/v1/image.proto",
         "dom/v1/events.proto",
         "dom/v1/raft.proto",
         "dom/v1/admin.proto",

@@ -484,3 +484,37 @@ fn garbage_collection_removes_exactly_what_no_live_image_references() {
     assert_eq!(reuse.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&reuse.stderr).contains("never reused"));
 }
+
+/// Tens of thousands of tiny files (an /etc, a /usr/share/doc) once made HTTP/2 close the
+/// upload for too many small DATA frames; small objects now travel many to a message, and
+/// replicas push them to each other the same way.
+#[test]
+fn an_image_of_many_tiny_files_uploads_and_replicates() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(None);
+    let src = cluster.dir.path().join("tiny");
+    for i in 0..30_000 {
+        let dir = src.join(format!("d{:03}", i / 200));
+        if i % 200 == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::write(dir.join(format!("f{i}")), format!("tiny file {i}\n")).unwrap();
+    }
+    add_ok(&cluster, "tiny/1", &src);
+    let got = cluster.dir.path().join("got");
+    let out = cluster.domadm(&["image", "get", "tiny/1", got.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(describe(&got), describe(&src));
+    // Every replica ends up with every object (30,000 files and the manifest).
+    for id in 1..=3 {
+        wait_for(
+            "replicas to hold every object",
+            Duration::from_secs(120),
+            || (objects_on(&cluster, id) == 30_001).then_some(()),
+        );
+    }
+}

@@ -63,6 +63,29 @@ where
     };
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
+        if !chunk.whole.is_empty() {
+            if current.is_some() {
+                return Err(Status::invalid_argument(
+                    "whole objects sent before the previous object ended",
+                ));
+            }
+            for object in chunk.whole {
+                let hash = parse_hash(&object.hash)
+                    .ok_or_else(|| Status::invalid_argument("object hash is not 32 bytes"))?;
+                let mut writer = store
+                    .writer(hash, object.size)
+                    .await
+                    .map_err(object_status)?;
+                writer.write(&object.data).await.map_err(object_status)?;
+                verified.push(finish(writer).await?);
+                response.objects += 1;
+                response.bytes += object.data.len() as u64;
+            }
+            if verified.len() >= PUBLISH_BATCH {
+                publish(store, std::mem::take(&mut verified)).await?;
+            }
+            continue;
+        }
         if !chunk.hash.is_empty() {
             if let Some(writer) = current.take() {
                 verified.push(finish(writer).await?);
@@ -123,6 +146,7 @@ pub fn object_chunks(
                 hash: if first { hash.to_vec() } else { Vec::new() },
                 size: if first { size } else { 0 },
                 data,
+                whole: Vec::new(),
             };
             first = false;
             yield chunk;
@@ -208,9 +232,32 @@ async fn peer_missing(addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, Status> 
 /// Sends `hashes` from the local store to `addr`.
 async fn push(store: &ObjectStore, addr: &str, hashes: Vec<Hash>) -> Result<(), Status> {
     let store = store.clone();
-    let stream = futures::stream::iter(hashes)
-        .flat_map(move |hash| object_chunks(store.clone(), hash))
-        .filter_map(|chunk| async move { chunk.ok() });
+    let stream = async_stream::stream! {
+        let mut batch = dom_storage::objects::WholeBatch::default();
+        for hash in hashes {
+            let Ok((mut file, size)) = store.open_read(&hash).await else { continue };
+            if size <= dom_storage::objects::SMALL_OBJECT {
+                let mut data = Vec::with_capacity(size as usize);
+                if file.read_to_end(&mut data).await.is_err() {
+                    continue;
+                }
+                if let Some(full) = batch.add(hash, data) {
+                    yield full;
+                }
+                continue;
+            }
+            if let Some(rest) = batch.take() {
+                yield rest;
+            }
+            let mut chunks = std::pin::pin!(object_chunks(store.clone(), hash));
+            while let Some(Ok(chunk)) = chunks.next().await {
+                yield chunk;
+            }
+        }
+        if let Some(rest) = batch.take() {
+            yield rest;
+        }
+    };
     client(addr)?.put(stream).await?;
     Ok(())
 }

@@ -459,10 +459,29 @@ async fn add(
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::ObjectChunk>(8);
         let bar_reader = bar.clone();
         let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut batch = dom_storage::objects::WholeBatch::default();
             for (hash, path) in uploads {
                 let mut file = std::fs::File::open(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
                 let size = file.metadata()?.len();
+                if size <= dom_storage::objects::SMALL_OBJECT {
+                    let mut data = vec![0u8; size as usize];
+                    file.read_exact(&mut data).with_context(|| {
+                        format!("{} changed while being uploaded", path.display())
+                    })?;
+                    bar_reader.inc(size);
+                    if let Some(full) = batch.add(hash, data) {
+                        if tx.blocking_send(full).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
+                if let Some(rest) = batch.take() {
+                    if tx.blocking_send(rest).is_err() {
+                        return Ok(());
+                    }
+                }
                 let mut first = true;
                 let mut sent = 0u64;
                 loop {
@@ -476,6 +495,7 @@ async fn add(
                         hash: if first { hash.to_vec() } else { vec![] },
                         size: if first { size } else { 0 },
                         data,
+                        whole: Vec::new(),
                     };
                     first = false;
                     if tx.blocking_send(chunk).is_err() {
@@ -485,6 +505,9 @@ async fn add(
                         break;
                     }
                 }
+            }
+            if let Some(rest) = batch.take() {
+                let _ = tx.blocking_send(rest);
             }
             Ok(())
         });

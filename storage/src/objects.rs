@@ -393,3 +393,40 @@ mod tests {
         );
     }
 }
+
+/// Objects this small travel whole, many to a message.
+pub const SMALL_OBJECT: u64 = 64 << 10;
+/// Bytes of small objects gathered into one message.
+const WHOLE_BATCH_BYTES: usize = 1 << 20;
+
+/// Small objects gathered into one `ObjectChunk.whole` message.
+#[derive(Default)]
+pub struct WholeBatch {
+    objects: Vec<dom_proto::v1::ObjectChunk>,
+    bytes: usize,
+}
+
+impl WholeBatch {
+    /// Adds a whole object; returns a message once the batch is full.
+    pub fn add(&mut self, hash: Hash, data: Vec<u8>) -> Option<dom_proto::v1::ObjectChunk> {
+        self.bytes += data.len() + 48;
+        self.objects.push(dom_proto::v1::ObjectChunk {
+            hash: hash.to_vec(),
+            size: data.len() as u64,
+            data,
+            whole: Vec::new(),
+        });
+        (self.bytes >= WHOLE_BATCH_BYTES)
+            .then(|| self.take())
+            .flatten()
+    }
+
+    /// The gathered objects as one message, if any.
+    pub fn take(&mut self) -> Option<dom_proto::v1::ObjectChunk> {
+        self.bytes = 0;
+        (!self.objects.is_empty()).then(|| dom_proto::v1::ObjectChunk {
+            whole: std::mem::take(&mut self.objects),
+            ..Default::default()
+        })
+    }
+}
