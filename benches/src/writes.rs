@@ -86,6 +86,11 @@ pub async fn dom(leader: &str, clients: usize, duration: Duration) -> Figures {
                         .await;
                     match result {
                         Ok(_) => latencies.push(start.elapsed()),
+                        // A replica too busy to confirm its leadership asks for a retry, as
+                        // domadm does; the retry is part of the write's latency.
+                        Err(status) if status.code() == tonic::Code::Unavailable => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                         Err(status) => panic!("dom append failed: {status}"),
                     }
                 }

@@ -227,8 +227,8 @@ impl Reconciler {
         let Some(manifest_hash) = image.manifest_hash else {
             return Ok(None);
         };
-        let filter =
-            Filter::new(image.filter.clone()).map_err(|e| Status::internal(e.to_string()))?;
+        // Compiled once per image: every session planning toward it shares the filter.
+        let filter = self.agent_filter(&image.filter)?;
         Ok(Some(TargetImage {
             name: image.name,
             manifest_hash,

@@ -634,7 +634,7 @@ fn agents_bench(n: usize, files: u64) {
         small_tree(&work.path().join(format!("v{v}")), files, v, 100).expect("generate tree");
     }
     let mut cluster = Cluster::start(3, &[]);
-    let leader = cluster.wait_leader(None);
+    cluster.wait_leader(None);
     let mut roots = std::collections::HashMap::new();
     for v in 1..=2 {
         let name = format!("bench/{v}");
@@ -667,7 +667,6 @@ fn agents_bench(n: usize, files: u64) {
     );
 
     let addrs: Vec<String> = cluster.endpoints().split(',').map(str::to_owned).collect();
-    let leader_pid = cluster.pid(leader).expect("leader pid");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     // Lazy channels start their connection tasks on this runtime.
     let _entered = runtime.enter();
@@ -690,6 +689,7 @@ fn agents_bench(n: usize, files: u64) {
     }
     let limit = Duration::from_secs(600);
     let connect_compliant_s = runtime.block_on(agents::wait_compliant(&addrs, "bench/1", n, limit));
+    let leader_pid = cluster.pid(cluster.wait_leader(None)).expect("leader pid");
     let rss_connected = agents::rss_bytes(leader_pid);
     let cpu_before = agents::cpu_seconds(leader_pid);
 
@@ -720,6 +720,8 @@ fn agents_bench(n: usize, files: u64) {
 
     counters.connect_bytes.store(0, Ordering::SeqCst);
     counters.connects.store(0, Ordering::SeqCst);
+    // Leadership may have moved under load: kill whoever leads now.
+    let leader = cluster.wait_leader(None);
     let killed = Instant::now();
     cluster.kill(leader);
     let others: Vec<String> = cluster
