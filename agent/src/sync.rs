@@ -20,7 +20,7 @@ use dom_proto::v1::agent_client::AgentClient;
 use dom_storage::event::{trigger_from_pb, Hash};
 use dom_storage::image::{entry_from_pb, entry_to_pb, is_normalized, Filter, Manifest};
 use dom_storage::objects::{parse_hash, to_hex, ObjectStore};
-use dom_storage::plan::{Delta, Step};
+use dom_storage::plan::{left_alone, Delta, Step};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -77,6 +77,8 @@ pub struct Agent {
     scanner: Arc<Scanner>,
     trees: watch::Receiver<Option<Snapshot>>,
     base: Option<Base>,
+    /// The agent's exclusions and its base's filter, compiled once per base.
+    excluded: Filter,
     last_report: Option<Report>,
     /// Increases with every description sent, across streams.
     generation: u64,
@@ -105,20 +107,6 @@ fn excluded_filter(config: &AgentConfig, base: Option<&Base>) -> anyhow::Result<
         lines.extend(b.record.filter.iter().cloned());
     }
     Ok(Filter::new(lines)?)
-}
-
-/// Whether `path` or one of its ancestors is left alone.
-fn left_alone(filter: &Filter, path: &str) -> bool {
-    let mut p = path;
-    loop {
-        if p != "/" && filter.excludes(p) {
-            return true;
-        }
-        match p.rfind('/') {
-            Some(0) | None => return false,
-            Some(i) => p = &p[..i],
-        }
-    }
 }
 
 fn report_to_pb(r: &Report) -> pb::UpdateResult {
@@ -211,8 +199,10 @@ impl Agent {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).context("reading the base image record"),
         };
-        scanner.set_excluded(excluded_filter(&config, base.as_ref())?);
+        let excluded = excluded_filter(&config, base.as_ref())?;
+        scanner.set_excluded(excluded.clone());
         Ok(Agent {
+            excluded,
             config,
             objects,
             updater,
@@ -247,19 +237,18 @@ impl Agent {
             record,
             manifest: Arc::new(manifest),
         });
-        self.scanner
-            .set_excluded(excluded_filter(&self.config, self.base.as_ref())?);
+        self.excluded = excluded_filter(&self.config, self.base.as_ref())?;
+        self.scanner.set_excluded(self.excluded.clone());
         Ok(())
     }
 
     /// The machine relative to its base, leaving out what the agent leaves alone.
     fn delta_of(&self, tree: &crate::scan::Tree) -> anyhow::Result<Delta> {
         let machine = tree.manifest()?;
-        let excluded = excluded_filter(&self.config, self.base.as_ref())?;
         let mut delta = Delta::between(self.base.as_ref().map(|b| b.manifest.as_ref()), &machine);
         let alone: Vec<String> = delta
             .iter()
-            .filter(|(p, _)| left_alone(&excluded, p))
+            .filter(|(p, _)| left_alone(&self.excluded, p))
             .map(|(p, _)| p.to_owned())
             .collect();
         for p in alone {

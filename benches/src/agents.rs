@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::writes::channel;
+
 /// Agents sharing one HTTP/2 connection.
 const AGENTS_PER_CONNECTION: usize = 100;
 
@@ -36,13 +38,6 @@ pub struct Counters {
 
 /// The image roots the agents report, by name.
 pub type Roots = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
-
-fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("bad address {addr}: {e}"))
-        .tcp_nodelay(true)
-        .connect_lazy()
-}
 
 /// One connection per `AGENTS_PER_CONNECTION` agents, to each controller.
 pub struct Connections {

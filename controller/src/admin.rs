@@ -5,7 +5,7 @@
 //! leader then stamps the time and commits it; apply re-checks it (two proposals may race) and
 //! every replica reaches the same verdict.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dom_proto::v1 as pb;
 use dom_proto::v1::admin_client::AdminClient;
@@ -16,6 +16,7 @@ use dom_storage::types::{Applied, EventBytes, NodeId, Raft};
 use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
+use crate::agents::now_unix_ms;
 use crate::network::channel;
 use crate::objects::{ensure_on_majority, load_manifest};
 use dom_storage::event::Change;
@@ -166,13 +167,6 @@ pub fn image_to_pb(i: &fleet::Image) -> pb::Image {
             .collect(),
         added_at: i.added_at,
     }
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl AdminService {

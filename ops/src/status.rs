@@ -148,10 +148,10 @@ fn last_update_cell(u: &Option<LastUpdate>) -> String {
     }
 }
 
-/// What status knows of one machine (for `machine show`).
-pub async fn one(ctx: &mut Context, hostname: &str) -> anyhow::Result<MachineStatus> {
+/// `Admin.Status` for one machine, or every machine when `hostname` is empty.
+async fn fetch(ctx: &mut Context, hostname: &str) -> anyhow::Result<pb::StatusResponse> {
     let host = hostname.to_owned();
-    let reply = ctx
+    Ok(ctx
         .cluster
         .call(|c| {
             let hostname = host.clone();
@@ -161,8 +161,13 @@ pub async fn one(ctx: &mut Context, hostname: &str) -> anyhow::Result<MachineSta
                     .await
             }
         })
-        .await?;
-    reply
+        .await?)
+}
+
+/// What status knows of one machine (for `machine show`).
+pub async fn one(ctx: &mut Context, hostname: &str) -> anyhow::Result<MachineStatus> {
+    fetch(ctx, hostname)
+        .await?
         .machines
         .into_iter()
         .next()
@@ -173,18 +178,7 @@ pub async fn one(ctx: &mut Context, hostname: &str) -> anyhow::Result<MachineSta
 impl Status {
     pub async fn run(self, ctx: &mut Context) -> anyhow::Result<()> {
         loop {
-            let host = self.host.clone().unwrap_or_default();
-            let reply = ctx
-                .cluster
-                .call(|c| {
-                    let hostname = host.clone();
-                    async move {
-                        crate::client::admin(c)
-                            .status(pb::StatusRequest { hostname })
-                            .await
-                    }
-                })
-                .await?;
+            let reply = fetch(ctx, self.host.as_deref().unwrap_or_default()).await?;
             self.print(ctx, reply)?;
             if !self.watch {
                 return Ok(());

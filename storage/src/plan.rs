@@ -245,14 +245,10 @@ pub fn plan(
         .collect();
     candidates.extend(delta.paths.keys().cloned());
 
-    let left_alone = |path: &str| -> bool {
-        ancestors_and_self(path).any(|p| target.filter.excludes(p) || excluded.excludes(p))
-    };
-
     let mut deletes = Vec::new();
     let mut writes = Vec::new();
     for TreePath(path) in &candidates {
-        if path != "/" && left_alone(path) {
+        if left_alone(target.filter, path) || left_alone(excluded, path) {
             continue;
         }
         let has = match delta.get(path) {
@@ -304,6 +300,12 @@ fn fires(trigger: &Trigger, steps: &[Step]) -> bool {
         return false;
     };
     steps.iter().any(|s| set.is_match(s.path()))
+}
+
+/// Whether `filter` leaves `path` alone: it or one of its ancestors matches (the root never
+/// is). The leader plans by this rule and the agent describes its machine by it.
+pub fn left_alone(filter: &Filter, path: &str) -> bool {
+    ancestors_and_self(path).any(|p| filter.excludes(p))
 }
 
 /// `/a/b/c`, `/a/b`, `/a` (not the root).

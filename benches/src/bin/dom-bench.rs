@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use dom_tests::Cluster;
+use dom_tests::{free_port, Cluster};
 
 #[derive(Parser)]
 #[command(name = "dom-bench", about = "Measure dom beside the alternatives")]
@@ -622,6 +622,23 @@ fn small_tree(root: &Path, files: u64, version: u32, every: u64) -> std::io::Res
     Ok(())
 }
 
+/// Adds machines given as Dominator MDB entries, in one batch event.
+fn import_machines(
+    cluster: &Cluster,
+    dir: &Path,
+    machines: impl Iterator<Item = serde_json::Value>,
+) {
+    let mdb: Vec<serde_json::Value> = machines.collect();
+    let path = dir.join("mdb.json");
+    std::fs::write(&path, serde_json::to_vec(&mdb).expect("json")).expect("write mdb");
+    let out = cluster.domadm(&["machine", "import", path.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn agents_bench(n: usize, files: u64) {
     use dom_benches::agents::{self, Connections, Counters};
     use std::sync::atomic::Ordering;
@@ -654,16 +671,12 @@ fn agents_bench(n: usize, files: u64) {
         let root = hex::decode(image["root_hash"].as_str().unwrap_or_default()).unwrap_or_default();
         roots.insert(image["name"].as_str().unwrap_or_default().to_owned(), root);
     }
-    let mdb: Vec<serde_json::Value> = (0..n)
-        .map(|i| serde_json::json!({"Hostname": format!("sim-{i:05}"), "RequiredImage": "bench/1"}))
-        .collect();
-    let mdb_path = work.path().join("mdb.json");
-    std::fs::write(&mdb_path, serde_json::to_vec(&mdb).expect("json")).expect("write mdb");
-    let out = cluster.domadm(&["machine", "import", mdb_path.to_str().expect("utf-8")]);
-    assert!(
-        out.status.success(),
-        "import: {}",
-        String::from_utf8_lossy(&out.stderr)
+    import_machines(
+        &cluster,
+        work.path(),
+        (0..n).map(
+            |i| serde_json::json!({"Hostname": format!("sim-{i:05}"), "RequiredImage": "bench/1"}),
+        ),
     );
 
     let addrs: Vec<String> = cluster.endpoints().split(',').map(str::to_owned).collect();
@@ -766,13 +779,6 @@ fn agents_bench(n: usize, files: u64) {
     runtime.shutdown_background();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn writes_bench(levels: &[usize], seconds: u64) {
     use dom_benches::writes::{self, EtcdCluster, VALUE_BYTES};
     use std::time::Duration;
@@ -781,16 +787,10 @@ fn writes_bench(levels: &[usize], seconds: u64) {
     let cluster = Cluster::start(3, &[]);
     let leader = cluster.wait_leader(None);
     let work = tempfile::tempdir().expect("temp dir");
-    let mdb: Vec<serde_json::Value> = (0..most)
-        .map(|i| serde_json::json!({"Hostname": format!("bench-{i}")}))
-        .collect();
-    let mdb_path = work.path().join("mdb.json");
-    std::fs::write(&mdb_path, serde_json::to_vec(&mdb).expect("json")).expect("write mdb");
-    let out = cluster.domadm(&["machine", "import", mdb_path.to_str().expect("utf-8")]);
-    assert!(
-        out.status.success(),
-        "import: {}",
-        String::from_utf8_lossy(&out.stderr)
+    import_machines(
+        &cluster,
+        work.path(),
+        (0..most).map(|i| serde_json::json!({"Hostname": format!("bench-{i}")})),
     );
     let leader_addr = cluster.replicas[&leader].addr.clone();
 
