@@ -1,5 +1,8 @@
 //! `subd`: keeps one machine on its required image. See `dom_agent` for how.
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

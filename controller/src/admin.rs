@@ -211,7 +211,7 @@ impl AdminService {
             .filter(|(id, _)| **id != self.id)
             .map(|(i, a)| (*i, a.clone()))
             .collect();
-        let manifest = load_manifest(&self.objects, &peers, &manifest_hash).await?;
+        let (manifest, _) = load_manifest(&self.objects, &peers, &manifest_hash).await?;
         let filter = dom_storage::image::Filter::new(filter.clone())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let computed = manifest.root_hash_where(|path| !filter.excludes(path));

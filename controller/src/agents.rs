@@ -50,10 +50,12 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A small map that forgets an arbitrary entry when full: manifests and transitions are
-/// cheap to rebuild and few are live at once.
+/// A small map of values that are costly to make, which forgets an arbitrary entry when full
+/// (manifests, transitions and plans are cheap to rebuild and few are live at once). Askers
+/// for the same key wait for one maker rather than each making it: at a fleet-wide
+/// assignment, thousands of sessions ask for the same manifest and plan in the same instant.
 struct Cache<K, V> {
-    map: HashMap<K, Arc<V>>,
+    map: HashMap<K, Arc<tokio::sync::OnceCell<Arc<V>>>>,
     capacity: usize,
 }
 
@@ -65,18 +67,42 @@ impl<K: std::hash::Hash + Eq + Clone, V> Cache<K, V> {
         }
     }
 
-    fn get(&self, key: &K) -> Option<Arc<V>> {
-        self.map.get(key).cloned()
-    }
-
-    fn insert(&mut self, key: K, value: Arc<V>) {
-        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
+    fn cell(&mut self, key: &K) -> Arc<tokio::sync::OnceCell<Arc<V>>> {
+        if let Some(cell) = self.map.get(key) {
+            return cell.clone();
+        }
+        if self.map.len() >= self.capacity {
             if let Some(victim) = self.map.keys().next().cloned() {
                 self.map.remove(&victim);
             }
         }
-        self.map.insert(key, value);
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        self.map.insert(key.clone(), cell.clone());
+        cell
     }
+}
+
+/// The value for `key`, made by `make` unless it is cached or being made; a failure is not
+/// cached, so the next asker tries again.
+async fn cached<K, V, E, F>(cache: &Mutex<Cache<K, V>>, key: &K, make: F) -> Result<Arc<V>, E>
+where
+    K: std::hash::Hash + Eq + Clone,
+    F: std::future::Future<Output = Result<V, E>>,
+{
+    let cell = cache.lock().unwrap_or_else(|p| p.into_inner()).cell(key);
+    cell.get_or_try_init(|| async { make.await.map(Arc::new) })
+        .await
+        .cloned()
+}
+
+/// [`cached`] for values whose making cannot fail.
+async fn cached_sure<K, V>(cache: &Mutex<Cache<K, V>>, key: &K, make: impl FnOnce() -> V) -> Arc<V>
+where
+    K: std::hash::Hash + Eq + Clone,
+{
+    let made: Result<_, std::convert::Infallible> = cached(cache, key, async { Ok(make()) }).await;
+    let Ok(value) = made;
+    value
 }
 
 /// The leader's reconciler: soft state for every machine, and the shared caches.
@@ -86,10 +112,10 @@ pub struct Reconciler {
     view: FleetView,
     objects: ObjectStore,
     peers: std::collections::BTreeMap<NodeId, String>,
-    machines: Mutex<HashMap<String, MachineView>>,
+    machines: Mutex<SoftState>,
     /// The newest session per hostname; an older one for the same machine stops.
     sessions: Mutex<HashMap<String, u64>>,
-    manifests: Mutex<Cache<Hash, Manifest>>,
+    manifests: Mutex<Cache<Hash, LoadedManifest>>,
     transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
     /// Plans for machines exactly on their base, by (base, target, agent exclusions).
     plans: Mutex<Cache<SharedPlanKey, Plan>>,
@@ -108,6 +134,39 @@ pub struct Reconciler {
     outcomes: Mutex<HashMap<String, Vec<Attempt>>>,
 }
 
+/// Every machine's soft state, with the update slots in use counted as the views change, so
+/// that taking a slot costs the same in a fleet of ten machines or of ten thousand.
+#[derive(Default)]
+struct SoftState {
+    views: HashMap<String, MachineView>,
+    /// Machines holding an update slot, and of those, how many in high-impact updates.
+    updating: usize,
+    high_impact: u64,
+}
+
+/// The update slots a machine holds: (updating, high impact).
+fn slot_use(v: &MachineView) -> (usize, u64) {
+    match v.work {
+        Work::Updating { high_impact, .. } => (1, u64::from(high_impact)),
+        // Applied, but not confirmed until the agent has described itself again.
+        Work::Rebasing { .. } if !v.complete => (1, 0),
+        _ => (0, 0),
+    }
+}
+
+impl SoftState {
+    /// The one way a view changes, so the slot counts stay true.
+    fn update<T>(&mut self, hostname: &str, f: impl FnOnce(&mut MachineView) -> T) -> T {
+        let v = self.views.entry(hostname.to_owned()).or_default();
+        let before = slot_use(v);
+        let out = f(v);
+        let after = slot_use(v);
+        self.updating = self.updating - before.0 + after.0;
+        self.high_impact = self.high_impact - before.1 + after.1;
+        out
+    }
+}
+
 /// One machine's latest update to an image: when, which machine, whether its health check
 /// failed.
 type Attempt = (i64, String, bool);
@@ -120,11 +179,17 @@ pub const BRAKE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
 type SharedPlanKey = (Option<Hash>, Hash, Vec<String>);
 
+/// A manifest with the size of its object, which agents fetch with the rest.
+struct LoadedManifest {
+    manifest: Manifest,
+    size: u64,
+}
+
 /// An image as a plan target: its manifest and what it leaves alone.
 struct TargetImage {
     name: String,
     manifest_hash: Hash,
-    manifest: Arc<Manifest>,
+    manifest: Arc<LoadedManifest>,
     filter: Filter,
     triggers: Vec<dom_storage::image::Trigger>,
 }
@@ -143,7 +208,7 @@ impl Reconciler {
             view,
             objects,
             peers,
-            machines: Mutex::new(HashMap::new()),
+            machines: Mutex::new(SoftState::default()),
             sessions: Mutex::new(HashMap::new()),
             manifests: Mutex::new(Cache::new(MANIFEST_CACHE)),
             transitions: Mutex::new(Cache::new(TRANSITION_CACHE)),
@@ -158,17 +223,21 @@ impl Reconciler {
         })
     }
 
-    fn machines(&self) -> std::sync::MutexGuard<'_, HashMap<String, MachineView>> {
+    fn machines(&self) -> std::sync::MutexGuard<'_, SoftState> {
         self.machines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A copy of one machine's soft state (default when this leader has never seen it).
     pub fn machine(&self, hostname: &str) -> MachineView {
-        self.machines().get(hostname).cloned().unwrap_or_default()
+        self.machines()
+            .views
+            .get(hostname)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn with_machine<T>(&self, hostname: &str, f: impl FnOnce(&mut MachineView) -> T) -> T {
-        f(self.machines().entry(hostname.to_owned()).or_default())
+        self.machines().update(hostname, f)
     }
 
     fn is_leader(&self) -> bool {
@@ -182,36 +251,24 @@ impl Reconciler {
         (term << 32) | (self.next_plan.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff)
     }
 
-    async fn manifest(&self, hash: &Hash) -> Result<Arc<Manifest>, Status> {
-        if let Some(m) = self
-            .manifests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(hash)
-        {
-            return Ok(m);
-        }
-        let manifest = Arc::new(load_manifest(&self.objects, &self.peers, hash).await?);
-        self.manifests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*hash, manifest.clone());
-        Ok(manifest)
+    async fn manifest(&self, hash: &Hash) -> Result<Arc<LoadedManifest>, Status> {
+        cached(&self.manifests, hash, async {
+            let (manifest, size) = load_manifest(&self.objects, &self.peers, hash).await?;
+            Ok(LoadedManifest { manifest, size })
+        })
+        .await
     }
 
-    fn transition(
+    async fn transition(
         &self,
         base: Option<(&Hash, &Manifest)>,
         target: (&Hash, &Manifest),
     ) -> Arc<Transition> {
         let key = (base.map(|(h, _)| *h), *target.0);
-        let mut cache = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = cache.get(&key) {
-            return t;
-        }
-        let t = Arc::new(Transition::new(base.map(|(_, m)| m), target.1));
-        cache.insert(key, t.clone());
-        t
+        cached_sure(&self.transitions, &key, || {
+            Transition::new(base.map(|(_, m)| m), target.1)
+        })
+        .await
     }
 
     /// The live image `name` with its manifest, or None when it is unknown, deleted or has
@@ -277,18 +334,10 @@ impl Reconciler {
         fleet_size: usize,
     ) -> Result<(), String> {
         let mut machines = self.machines();
-        let (mut updating, mut high) = (0usize, 0u64);
-        for (_, v) in machines.iter().filter(|(h, _)| *h != hostname) {
-            match v.work {
-                Work::Updating { high_impact, .. } => {
-                    updating += 1;
-                    high += u64::from(high_impact);
-                }
-                // Applied, but not confirmed until the agent has described itself again.
-                Work::Rebasing { .. } if !v.complete => updating += 1,
-                _ => {}
-            }
-        }
+        // The slots in use by every other machine.
+        let (own_updating, own_high) = machines.views.get(hostname).map_or((0, 0), slot_use);
+        let updating = machines.updating - own_updating;
+        let high = machines.high_impact - own_high;
         if let Some(limit) = policy.max_updating {
             let max = limit.of(fleet_size);
             if updating >= max {
@@ -306,14 +355,15 @@ impl Reconciler {
                 }
             }
         }
-        let v = machines.entry(hostname.to_owned()).or_default();
-        v.work = Work::Updating {
-            plan_id: pending.plan_id,
-            image: pending.plan.image.clone(),
-            started_unix_ms: now_unix_ms(),
-            high_impact: pending.high_impact,
-        };
-        v.hold = None;
+        machines.update(hostname, |v| {
+            v.work = Work::Updating {
+                plan_id: pending.plan_id,
+                image: pending.plan.image.clone(),
+                started_unix_ms: now_unix_ms(),
+                high_impact: pending.high_impact,
+            };
+            v.hold = None;
+        });
         Ok(())
     }
 
@@ -402,7 +452,7 @@ impl Reconciler {
             .into_iter()
             .map(|m| {
                 let default = MachineView::default();
-                let v = soft.get(&m.hostname).unwrap_or(&default);
+                let v = soft.views.get(&m.hostname).unwrap_or(&default);
                 machine_status(&m, v, halt.is_some(), now)
             })
             .collect();
@@ -920,10 +970,7 @@ impl Session {
         let Some(target) = r.target_image(image).await? else {
             return Ok(());
         };
-        let manifest_size = tokio::fs::metadata(r.objects.path(&target.manifest_hash))
-            .await
-            .map(|m| m.len())
-            .map_err(|e| Status::internal(format!("manifest object: {e}")))?;
+        let manifest_size = target.manifest.size;
         r.with_machine(&self.hostname, |v| {
             v.work = Work::Rebasing {
                 image: image.to_owned(),
@@ -964,11 +1011,13 @@ impl Session {
                 _ => return self.rebase(image).await,
             },
         };
-        let transition = r.transition(
-            base.as_ref()
-                .map(|b| (&b.manifest_hash, b.manifest.as_ref())),
-            (&target.manifest_hash, &target.manifest),
-        );
+        let transition = r
+            .transition(
+                base.as_ref()
+                    .map(|b| (&b.manifest_hash, &b.manifest.manifest)),
+                (&target.manifest_hash, &target.manifest.manifest),
+            )
+            .await;
         // A machine exactly on its base gets the plan every such machine gets: computed once
         // and shared, so a fleet-wide assignment costs the leader one plan, not one per machine.
         let shared_key = view.delta.is_empty().then(|| {
@@ -978,32 +1027,23 @@ impl Session {
                 view.excluded.lines().to_vec(),
             )
         });
-        let cached = shared_key
-            .as_ref()
-            .and_then(|k| r.plans.lock().unwrap_or_else(|p| p.into_inner()).get(k));
-        let plan = match cached {
-            Some(plan) => plan,
-            None => {
-                let plan = Arc::new(plan::plan(
-                    &Target {
-                        name: &target.name,
-                        manifest: &target.manifest,
-                        filter: &target.filter,
-                        triggers: &target.triggers,
-                    },
-                    base.as_ref().map(|b| b.manifest.as_ref()),
-                    &transition,
-                    &view.delta,
-                    &view.excluded,
-                ));
-                if let Some(k) = shared_key {
-                    r.plans
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(k, plan.clone());
-                }
-                plan
-            }
+        let make = || {
+            plan::plan(
+                &Target {
+                    name: &target.name,
+                    manifest: &target.manifest.manifest,
+                    filter: &target.filter,
+                    triggers: &target.triggers,
+                },
+                base.as_ref().map(|b| &b.manifest.manifest),
+                &transition,
+                &view.delta,
+                &view.excluded,
+            )
+        };
+        let plan = match &shared_key {
+            Some(key) => cached_sure(&r.plans, key, make).await,
+            None => Arc::new(make()),
         };
         if preload {
             if plan.objects().is_empty() {
@@ -1021,7 +1061,7 @@ impl Session {
         // An update that would delete most of the machine is held until an operator says so:
         // a wrong image or a bad filter must not wipe a machine.
         let managed =
-            plan::machine_entries(base.as_ref().map(|b| b.manifest.as_ref()), &view.delta);
+            plan::machine_entries(base.as_ref().map(|b| &b.manifest.manifest), &view.delta);
         let deletions = plan.deletions();
         if !preload
             && deletions * 2 > managed
@@ -1051,10 +1091,7 @@ impl Session {
             })
             .collect();
         // The agent needs the manifest too: it is its base once the update succeeds.
-        let manifest_size = tokio::fs::metadata(r.objects.path(&target.manifest_hash))
-            .await
-            .map(|m| m.len())
-            .map_err(|e| Status::internal(format!("manifest object: {e}")))?;
+        let manifest_size = target.manifest.size;
         objects.push(pb::ObjectRef {
             hash: target.manifest_hash.to_vec(),
             size: manifest_size,
@@ -1111,7 +1148,7 @@ impl Session {
             l.state
                 .machine(&self.hostname)
                 .cloned()
-                .map(|m| (m, l.state.policy().clone(), l.state.machines().count()))
+                .map(|m| (m, l.state.policy().clone(), l.state.machine_count()))
         }) else {
             return Ok(());
         };
@@ -1259,5 +1296,55 @@ impl pb::agent_server::Agent for AgentService {
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The counted slots always equal a recount over every view, whatever the changes.
+    #[test]
+    fn slot_counts_follow_every_change() {
+        let mut soft = SoftState::default();
+        let recount = |soft: &SoftState| {
+            soft.views
+                .values()
+                .map(slot_use)
+                .fold((0, 0), |(u, h), (du, dh)| (u + du, h + dh))
+        };
+        let works = |i: u64| match i % 5 {
+            0 => Work::Idle,
+            1 => Work::Updating {
+                plan_id: i,
+                image: "img".into(),
+                started_unix_ms: 0,
+                high_impact: i.is_multiple_of(2),
+            },
+            2 => Work::Rebasing {
+                image: "img".into(),
+            },
+            3 => Work::Updating {
+                plan_id: i,
+                image: "img".into(),
+                started_unix_ms: 0,
+                high_impact: true,
+            },
+            _ => Work::Idle,
+        };
+        // A deterministic walk over hosts, work and completeness.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let host = format!("m{}", x % 7);
+            soft.update(&host, |v| {
+                v.work = works(x >> 8);
+                v.complete = (x >> 16).is_multiple_of(2);
+            });
+            assert_eq!((soft.updating, soft.high_impact), recount(&soft));
+        }
+        assert!(soft.updating > 0, "the walk reached some updating machines");
     }
 }

@@ -307,7 +307,7 @@ pub async fn load_manifest(
     store: &ObjectStore,
     peers: &BTreeMap<NodeId, String>,
     hash: &Hash,
-) -> Result<Manifest, Status> {
+) -> Result<(Manifest, u64), Status> {
     if !store.contains(hash) && !fill_from_peers(store, peers, &[*hash]).await.is_empty() {
         return Err(Status::failed_precondition(format!(
             "manifest {} is on no reachable replica; upload it first",
@@ -318,6 +318,7 @@ pub async fn load_manifest(
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
     Manifest::decode(&bytes)
+        .map(|m| (m, bytes.len() as u64))
         .map_err(|e| Status::invalid_argument(format!("manifest {}: {e}", to_hex(hash))))
 }
 
@@ -361,30 +362,42 @@ pub async fn ensure_on_majority(
             to_hex(&still_missing[0])
         )));
     }
-    let pushes = peers.values().map(|addr| async move {
-        // A peer that stops reading must not hold the commit up for ever; the majority decides.
-        tokio::time::timeout(PUSH_TIMEOUT, push_all(store, addr, hashes))
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!("{addr} took longer than {PUSH_TIMEOUT:?}"))
-            })?
-    });
-    let results = futures::future::join_all(pushes).await;
-    let holders = 1 + results.iter().filter(|r| r.is_ok()).count();
-    if holders * 2 > voters.len() {
-        Ok(())
-    } else {
-        let reasons: Vec<String> = results
-            .into_iter()
-            .filter_map(|r| r.err())
-            .map(|s| s.message().to_owned())
-            .collect();
-        Err(Status::unavailable(format!(
-            "image objects reached {holders} of {} replicas, not a majority: {}",
-            voters.len(),
-            reasons.join("; ")
-        )))
+    // Pushed to every peer at once; the commit waits only for a majority, and a slower peer
+    // goes on receiving in the background (a peer that missed objects refills them itself).
+    let hashes: Arc<[Hash]> = hashes.into();
+    let mut pushes: futures::stream::FuturesUnordered<_> = peers
+        .values()
+        .map(|addr| {
+            let (store, addr, hashes) = (store.clone(), addr.clone(), hashes.clone());
+            tokio::spawn(async move {
+                // A peer that stops reading must not hold a push open for ever.
+                tokio::time::timeout(PUSH_TIMEOUT, push_all(&store, &addr, &hashes))
+                    .await
+                    .map_err(|_| {
+                        Status::deadline_exceeded(format!(
+                            "{addr} took longer than {PUSH_TIMEOUT:?}"
+                        ))
+                    })?
+            })
+        })
+        .collect();
+    let mut holders = 1;
+    let mut reasons = Vec::new();
+    while holders * 2 <= voters.len() {
+        match pushes.next().await {
+            Some(Ok(Ok(()))) => holders += 1,
+            Some(Ok(Err(status))) => reasons.push(status.message().to_owned()),
+            Some(Err(join)) => reasons.push(join.to_string()),
+            None => {
+                return Err(Status::unavailable(format!(
+                    "image objects reached {holders} of {} replicas, not a majority: {}",
+                    voters.len(),
+                    reasons.join("; ")
+                )))
+            }
+        }
     }
+    Ok(())
 }
 
 /// Every object of every live image, manifests included; `None` if a manifest is unreadable
@@ -454,7 +467,7 @@ impl Maintenance {
                 continue;
             }
             let manifest = match load_manifest(&self.store, &peers, &hash).await {
-                Ok(m) => m,
+                Ok((m, _)) => m,
                 Err(e) => {
                     tracing::warn!(image = %name, "cannot refill: {}", e.message());
                     continue;

@@ -1,5 +1,8 @@
 //! domadm: the operators' command line for a dom cluster.
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod assign;
 mod audit;
 mod client;

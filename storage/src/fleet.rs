@@ -271,6 +271,10 @@ impl FleetState {
         self.machines.values()
     }
 
+    pub fn machine_count(&self) -> usize {
+        self.machines.len()
+    }
+
     pub fn machine(&self, hostname: &str) -> Option<&Machine> {
         self.machines.get(hostname)
     }
