@@ -131,7 +131,7 @@ pub struct Reconciler {
     /// One brake at a time, so racing failures append one halt, not several.
     braking: tokio::sync::Mutex<()>,
     /// Recent update outcomes per image (time, machine, health check failed), for the brake.
-    outcomes: Mutex<HashMap<String, Vec<Attempt>>>,
+    outcomes: Mutex<HashMap<String, reconcile::Outcomes>>,
 }
 
 /// Every machine's soft state, with the update slots in use counted as the views change, so
@@ -167,15 +167,10 @@ impl SoftState {
     }
 }
 
-/// One machine's latest update to an image: when, which machine, whether its health check
-/// failed.
-type Attempt = (i64, String, bool);
-
 /// Longest a new leader waits for agents to report updates in flight before starting any.
 const LEADER_WARMUP: Duration = Duration::from_secs(10);
 
-/// How far back the automatic brake looks.
-pub const BRAKE_WINDOW_MS: i64 = 10 * 60 * 1000;
+pub use crate::reconcile::BRAKE_WINDOW_MS;
 
 type SharedPlanKey = (Option<Hash>, Hash, Vec<String>);
 
@@ -378,11 +373,10 @@ impl Reconciler {
         brake_percent: u32,
     ) -> Option<String> {
         let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
-        let list = outcomes.entry(image.to_owned()).or_default();
-        list.retain(|(t, h, _)| now - t <= BRAKE_WINDOW_MS && h != hostname);
-        list.push((now, hostname.to_owned(), failed));
-        let failures = list.iter().filter(|(_, _, f)| *f).count();
-        let total = list.len();
+        let (failures, total) = outcomes
+            .entry(image.to_owned())
+            .or_default()
+            .record(hostname, failed, now);
         (failed && brake_percent < 100 && failures * 100 > total * brake_percent as usize).then(
             || {
                 format!(
@@ -448,10 +442,10 @@ impl Reconciler {
         }
         let now = now_unix_ms();
         let soft = self.machines();
+        let default = MachineView::default();
         let machines = machines
             .into_iter()
             .map(|m| {
-                let default = MachineView::default();
                 let v = soft.views.get(&m.hostname).unwrap_or(&default);
                 machine_status(&m, v, halt.is_some(), now)
             })

@@ -6,7 +6,7 @@
 //! session in `agents.rs` carries it out. Nothing here does I/O or reads a clock: time comes
 //! in as `now_ms`, so retry behaviour is tested directly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use dom_storage::event::Hash;
 use dom_storage::image::{Entry, Filter};
@@ -359,6 +359,45 @@ pub fn apply_page(
     began
 }
 
+/// How far back the automatic brake looks.
+pub const BRAKE_WINDOW_MS: i64 = 10 * 60 * 1000;
+
+/// Recent update outcomes toward one image, for the automatic brake: each machine's latest
+/// within the window. The counts are kept as outcomes come and expire, so a fleet-wide
+/// rollout costs O(1) per outcome, not a walk over every machine that updated before.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    /// Per machine: when, and whether its health check failed.
+    latest: HashMap<String, (i64, bool)>,
+    /// Every outcome in arrival order, to expire them; superseded ones are skipped.
+    order: VecDeque<(i64, String)>,
+    failures: usize,
+}
+
+impl Outcomes {
+    /// Notes `hostname`'s outcome at `now`; returns (failures, machines) in the window.
+    pub fn record(&mut self, hostname: &str, failed: bool, now: i64) -> (usize, usize) {
+        while let Some((t, _)) = self.order.front() {
+            if now - t <= BRAKE_WINDOW_MS {
+                break;
+            }
+            if let Some((t, h)) = self.order.pop_front() {
+                if self.latest.get(&h).is_some_and(|(latest, _)| *latest == t) {
+                    if let Some((_, true)) = self.latest.remove(&h) {
+                        self.failures -= 1;
+                    }
+                }
+            }
+        }
+        if let Some((_, true)) = self.latest.insert(hostname.to_owned(), (now, failed)) {
+            self.failures -= 1;
+        }
+        self.failures += usize::from(failed);
+        self.order.push_back((now, hostname.to_owned()));
+        (self.failures, self.latest.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,5 +588,27 @@ mod tests {
         assert_eq!(view.state(Some("a"), 0), "unknown");
         view.last_seen_unix_ms = 5;
         assert_eq!(view.state(Some("a"), 0), "unreachable");
+    }
+
+    /// The counts equal a recount of each machine's latest outcome within the window.
+    #[test]
+    fn outcomes_count_each_machine_latest_in_window() {
+        let mut outcomes = Outcomes::default();
+        let mut all: Vec<(i64, String, bool)> = Vec::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut now = 0i64;
+        for _ in 0..3_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            now += (x % 20_000) as i64;
+            let host = format!("m{}", (x >> 8) % 50);
+            let failed = (x >> 20).is_multiple_of(3);
+            let got = outcomes.record(&host, failed, now);
+            all.retain(|(t, h, _)| now - t <= BRAKE_WINDOW_MS && *h != host);
+            all.push((now, host, failed));
+            let want = (all.iter().filter(|(_, _, f)| *f).count(), all.len());
+            assert_eq!(got, want);
+        }
     }
 }

@@ -18,8 +18,13 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Compiled once: every machine's fresh soft state starts with one.
     pub fn empty() -> Filter {
-        Filter::new(Vec::new()).unwrap_or_else(|_| unreachable!("an empty filter always compiles"))
+        static EMPTY: std::sync::LazyLock<Filter> = std::sync::LazyLock::new(|| {
+            Filter::new(Vec::new())
+                .unwrap_or_else(|_| unreachable!("an empty filter always compiles"))
+        });
+        EMPTY.clone()
     }
 
     /// Parses a filter file's text; empty lines are skipped.
