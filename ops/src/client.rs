@@ -29,11 +29,14 @@ pub struct Cluster {
     leader: Option<String>,
 }
 
+fn endpoint(addr: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad endpoint {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(2)))
+}
+
 fn channel(addr: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad endpoint {addr:?}: {e}"))?;
-    Ok(endpoint
-        .connect_timeout(Duration::from_secs(2))
+    Ok(endpoint(addr)?
         .timeout(Duration::from_secs(30))
         .connect_lazy())
 }
@@ -146,4 +149,15 @@ pub fn objects(channel: Channel) -> ObjectsClient<Channel> {
 /// A channel to one address, for calls that must go to a given replica.
 pub fn channel_to(addr: &str) -> Result<Channel, ClientError> {
     channel(addr).map_err(ClientError::Refused)
+}
+
+/// A channel for an upload, which takes as long as its size and the link make it: no cap on a
+/// call's length, but HTTP/2 pings notice a replica that stopped answering.
+pub fn bulk_channel_to(addr: &str) -> Result<Channel, ClientError> {
+    Ok(endpoint(addr)
+        .map_err(ClientError::Refused)?
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
 }

@@ -512,7 +512,7 @@ async fn add(
             Ok(())
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let put = objects(crate::client::channel_to(&target)?)
+        let put = objects(crate::client::bulk_channel_to(&target)?)
             .put(stream)
             .await;
         reader.await??;

@@ -703,6 +703,8 @@ fn agents_bench(n: usize, files: u64) {
         ),
     );
 
+    // The leader's memory for the fleet and its images alone, before any agent connects.
+    let rss_fleet = agents::rss_bytes(cluster.pid(cluster.wait_leader(None)).expect("leader pid"));
     let addrs: Vec<String> = cluster.endpoints().split(',').map(str::to_owned).collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     // Lazy channels start their connection tasks on this runtime.
@@ -777,7 +779,8 @@ fn agents_bench(n: usize, files: u64) {
     println!("  assign (all) to the last agent's plan: {assign_to_last_plan_s:.3} s");
     println!("  assign (all) to all compliant again:   {rollout_s:.2} s");
     println!(
-        "  leader RSS: {} MiB connected, {} MiB peak; leader CPU during the rollout: {leader_cpu_s:.2} s",
+        "  leader RSS: {} MiB before any agent, {} MiB connected, {} MiB peak; leader CPU during the rollout: {leader_cpu_s:.2} s",
+        rss_fleet >> 20,
         rss_connected >> 20,
         rss_peak >> 20
     );
@@ -795,6 +798,8 @@ fn agents_bench(n: usize, files: u64) {
             "assign_to_last_plan_s": assign_to_last_plan_s,
             "rollout_s": rollout_s,
             "leader_rss_bytes": rss_peak,
+            "leader_rss_before_agents_bytes": rss_fleet,
+            "leader_rss_connected_bytes": rss_connected,
             "leader_cpu_s": leader_cpu_s,
             "reconnect_bytes_per_agent": reconnect_bytes_per_agent,
             "failover_to_compliant_s": failover_to_compliant_s,
