@@ -1,7 +1,7 @@
 //! The event log's hot paths, each beside its alternative:
 //! - a durable append (sled flush + fdatasync, what dom acknowledges on) beside sled's own
 //!   flush (sync_file_range only), to show what real durability costs;
-//! - folding events into the fleet state beside decoding them alone;
+//! - folding events into the fleet state beside decoding (and encoding) them alone;
 //! - extending the journal's hash chain.
 
 use std::collections::BTreeMap;
@@ -78,6 +78,13 @@ fn fold(c: &mut Criterion) {
                 .map(|e| Event::decode(e).expect("decode"))
                 .collect::<Vec<_>>()
         })
+    });
+    let decoded: Vec<Event> = encoded
+        .iter()
+        .map(|e| Event::decode(e).expect("decode"))
+        .collect();
+    group.bench_function("encode_only", |b| {
+        b.iter(|| decoded.iter().map(|e| e.encode().len()).sum::<usize>())
     });
     group.bench_function("decode_and_apply", |b| {
         b.iter_batched(

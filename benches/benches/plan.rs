@@ -2,12 +2,14 @@
 //! - the manifest diff (one merge pass over two sorted manifests) beside a diff through a hash
 //!   map of paths;
 //! - planning a machine described as a delta from its base with the shared image transition,
-//!   beside planning it from its whole tree (what a leader holding every machine's tree does).
+//!   beside planning it from its whole tree (what a leader holding every machine's tree does);
+//! - applying an agent's description of its changed paths to its delta, beside working the
+//!   delta out from the machine's whole tree.
 
 use std::collections::HashMap;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dom_storage::image::{diff, Entry, Filter, Manifest};
+use dom_storage::image::{diff, Difference, Entry, Filter, Manifest};
 use dom_storage::plan::{plan, Delta, Target, Transition};
 
 /// An image of `files` files in directories of 200; `version` changes every 100th file.
@@ -88,5 +90,31 @@ fn planning(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, manifests, planning);
+fn delta_apply(c: &mut Criterion) {
+    let (v1, v2) = (image(40_000, 1), image(40_000, 2));
+    let changed: Vec<Entry> = diff(&v1, &v2)
+        .into_iter()
+        .filter_map(|d| match d {
+            Difference::Added(e) | Difference::Changed { to: e, .. } => Some(e.clone()),
+            Difference::Removed(_) => None,
+        })
+        .collect();
+    let mut group = c.benchmark_group("delta_40k_files_1pct_changed");
+    group.throughput(Throughput::Elements(changed.len() as u64));
+    group.bench_function("apply_described_changes", |b| {
+        b.iter(|| {
+            let mut delta = Delta::new();
+            for entry in &changed {
+                delta.differs(entry.clone());
+            }
+            delta.len()
+        })
+    });
+    group.bench_function("from_whole_tree", |b| {
+        b.iter(|| Delta::between(Some(&v1), &v2).len())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, manifests, planning, delta_apply);
 criterion_main!(benches);
