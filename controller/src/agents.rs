@@ -157,12 +157,17 @@ fn slot_use(v: &MachineView) -> (usize, u64) {
 impl SoftState {
     /// The one way a view changes, so the slot counts stay true.
     fn update<T>(&mut self, hostname: &str, f: impl FnOnce(&mut MachineView) -> T) -> T {
-        let v = self.views.entry(hostname.to_owned()).or_default();
+        // A known machine costs no allocation: this runs on every message of every agent.
+        let (updating, high_impact) = (&mut self.updating, &mut self.high_impact);
+        let v = match self.views.get_mut(hostname) {
+            Some(v) => v,
+            None => self.views.entry(hostname.to_owned()).or_default(),
+        };
         let before = slot_use(v);
         let out = f(v);
         let after = slot_use(v);
-        self.updating = self.updating - before.0 + after.0;
-        self.high_impact = self.high_impact - before.1 + after.1;
+        *updating = *updating - before.0 + after.0;
+        *high_impact = *high_impact - before.1 + after.1;
         out
     }
 }
