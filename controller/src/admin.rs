@@ -12,13 +12,13 @@ use dom_proto::v1::admin_client::AdminClient;
 use dom_storage::event::Event;
 use dom_storage::fleet::{self, Rejection};
 use dom_storage::state_machine::FleetView;
-use dom_storage::types::{Applied, EventBytes, NodeId, Raft};
+use dom_storage::types::{NodeId, Raft};
 use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
-use crate::agents::now_unix_ms;
 use crate::network::channel;
 use crate::objects::{ensure_on_majority, load_manifest};
+use crate::proposer::Proposer;
 use dom_storage::event::Change;
 use dom_storage::objects::{to_hex, ObjectStore};
 use std::collections::BTreeMap;
@@ -32,6 +32,7 @@ pub struct AdminService {
     pub view: FleetView,
     pub objects: ObjectStore,
     pub reconciler: std::sync::Arc<crate::agents::Reconciler>,
+    pub proposer: Proposer,
 }
 
 /// Waits until this replica, as the leader, has applied everything committed before now.
@@ -45,46 +46,6 @@ pub(crate) async fn linearizable(raft: &Raft) -> Result<(), Status> {
             )),
             None => Err(retry_later(format!("cannot confirm leadership: {e}"))),
         },
-    }
-}
-
-/// Checks `event` against everything committed so far, stamps its time and commits it,
-/// answering once it is applied. Used for operators' events and the leader's own (the
-/// automatic brake).
-pub(crate) async fn propose(
-    raft: &Raft,
-    view: &FleetView,
-    mut event: Event,
-) -> Result<pb::AppendResponse, Status> {
-    if raft.metrics().borrow().state != ServerState::Leader {
-        return Err(not_leader(leader_of(raft)));
-    }
-    // Checked against this leader's applied state, without a quorum round first: apply checks
-    // again, deterministically, on every replica, so a proposal that raced another is refused
-    // there; and a client sees its own earlier writes, which were applied here before they
-    // were acknowledged.
-    view.read(|live| live.state.check(&event.change))
-        .map_err(rejection_status)?;
-    event.time_unix_ms = now_unix_ms();
-    let written = raft
-        .client_write(EventBytes(event.encode()))
-        .await
-        .map_err(|e| match e.forward_to_leader::<BasicNode>() {
-            Some(f) => not_leader(
-                f.leader_id
-                    .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
-            ),
-            None => retry_later(format!("not committed: {e}")),
-        })?;
-    match written.data {
-        Applied::Event(head) => Ok(pb::AppendResponse {
-            log_index: written.log_id.index,
-            journal_index: head.index,
-            journal_hash: head.hash.to_vec(),
-            time_unix_ms: event.time_unix_ms,
-        }),
-        Applied::Refused(reason) => Err(Status::failed_precondition(reason)),
-        Applied::NotAnEvent => Err(Status::internal("an event was applied as a non-event")),
     }
 }
 
@@ -104,7 +65,7 @@ pub(crate) fn leader_of(raft: &Raft) -> Option<(NodeId, String)> {
 /// connection failure): the client should retry, here or at the leader.
 pub const RETRY_METADATA: &str = "dom-retry";
 
-fn retry_later(message: String) -> Status {
+pub(crate) fn retry_later(message: String) -> Status {
     let mut status = Status::unavailable(message);
     status.metadata_mut().insert(
         RETRY_METADATA,
@@ -128,7 +89,7 @@ pub(crate) fn not_leader(leader: Option<(NodeId, String)>) -> Status {
     }
 }
 
-fn rejection_status(r: Rejection) -> Status {
+pub(crate) fn rejection_status(r: Rejection) -> Status {
     if r.is_not_found() {
         Status::not_found(r.to_string())
     } else if r.is_conflict() {
@@ -386,7 +347,7 @@ impl pb::admin_server::Admin for AdminService {
                 .map_err(rejection_status)?;
             self.check_image_objects(&event.change).await?;
         }
-        Ok(Response::new(propose(&self.raft, &self.view, event).await?))
+        Ok(Response::new(self.proposer.propose(event).await?))
     }
 
     async fn list_machines(

@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::admin::{leader_of, not_leader};
 use crate::objects::load_manifest;
+use crate::proposer::Proposer;
 use crate::reconcile::{self, Decision, MachineView, Outcome, UpdateSummary, Work};
 
 /// The actor of events the controller appends itself (the automatic brake).
@@ -109,6 +110,7 @@ where
 pub struct Reconciler {
     id: NodeId,
     raft: Raft,
+    proposer: Proposer,
     view: FleetView,
     objects: ObjectStore,
     peers: std::collections::BTreeMap<NodeId, String>,
@@ -198,6 +200,7 @@ impl Reconciler {
     pub fn new(
         id: NodeId,
         raft: Raft,
+        proposer: Proposer,
         view: FleetView,
         objects: ObjectStore,
         peers: std::collections::BTreeMap<NodeId, String>,
@@ -205,6 +208,7 @@ impl Reconciler {
         Arc::new(Reconciler {
             id,
             raft,
+            proposer,
             view,
             objects,
             peers,
@@ -408,7 +412,7 @@ impl Reconciler {
             reason,
             change: dom_storage::event::Change::UpdatesHalted,
         };
-        if let Err(e) = crate::admin::propose(&self.raft, &self.view, event).await {
+        if let Err(e) = self.proposer.propose(event).await {
             tracing::error!(
                 "the automatic brake could not halt updates: {}",
                 e.message()

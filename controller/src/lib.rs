@@ -12,6 +12,7 @@ pub mod admin;
 pub mod agents;
 pub mod network;
 pub mod objects;
+pub mod proposer;
 pub mod raft_wire;
 pub mod reconcile;
 pub mod replica;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dom_proto::v1 as pb;
 use dom_storage::types::{
-    Entry, EventBytes, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+    Entry, Events, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -131,7 +131,11 @@ fn entry_to_pb(entry: Entry) -> pb::Entry {
     use pb::entry::Payload;
     let payload = match entry.payload {
         EntryPayload::Blank => Payload::Blank(pb::Blank {}),
-        EntryPayload::Normal(EventBytes(bytes)) => Payload::Event(bytes),
+        // One event travels as before, so a replica of an earlier build still reads it.
+        EntryPayload::Normal(Events(mut events)) if events.len() == 1 => {
+            Payload::Event(events.pop().unwrap_or_default())
+        }
+        EntryPayload::Normal(Events(events)) => Payload::Events(pb::EventBatch { events }),
         EntryPayload::Membership(m) => Payload::Membership(membership_to_pb(&m)),
     };
     pb::Entry {
@@ -144,7 +148,8 @@ fn entry_from_pb(entry: pb::Entry) -> Result<Entry, WireError> {
     use pb::entry::Payload;
     let payload = match need(entry.payload, "entry payload")? {
         Payload::Blank(_) => EntryPayload::Blank,
-        Payload::Event(bytes) => EntryPayload::Normal(EventBytes(bytes)),
+        Payload::Event(bytes) => EntryPayload::Normal(Events::one(bytes)),
+        Payload::Events(batch) => EntryPayload::Normal(Events(batch.events)),
         Payload::Membership(m) => EntryPayload::Membership(membership_from_pb(Some(m))?),
     };
     Ok(Entry {
@@ -334,17 +339,27 @@ mod tests {
                 },
                 Entry {
                     log_id: LogId::new(LeaderId::new(3, 2), 18),
-                    payload: EntryPayload::Normal(EventBytes(vec![1, 2])),
+                    payload: EntryPayload::Normal(Events(vec![vec![1, 2], vec![3]])),
                 },
                 Entry {
                     log_id: LogId::new(LeaderId::new(3, 2), 19),
                     payload: EntryPayload::Membership(membership),
                 },
+                Entry {
+                    log_id: LogId::new(LeaderId::new(3, 2), 20),
+                    payload: EntryPayload::Normal(Events::one(vec![4, 5])),
+                },
             ],
             leader_commit: None,
         };
-        let back = append_request_from_pb(append_request_to_pb(req.clone())).unwrap();
+        let wire = append_request_to_pb(req.clone());
+        assert!(
+            matches!(&wire.entries[3].payload, Some(pb::entry::Payload::Event(e)) if e == &[4, 5]),
+            "a single event keeps the field earlier builds read"
+        );
+        let back = append_request_from_pb(wire).unwrap();
         assert_eq!(format!("{back:?}"), format!("{req:?}"));
+        assert_eq!(back.entries, req.entries);
         for resp in [
             AppendEntriesResponse::Success,
             AppendEntriesResponse::PartialSuccess(None),

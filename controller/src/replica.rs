@@ -19,6 +19,7 @@ use crate::admin::AdminService;
 use crate::agents::{AgentService, Reconciler};
 use crate::network::{Network, RaftService};
 use crate::objects::{Maintenance, ObjectsService};
+use crate::proposer::Proposer;
 use dom_proto::v1::agent_server::AgentServer;
 use dom_proto::v1::objects_server::ObjectsServer;
 use dom_storage::objects::ObjectStore;
@@ -180,9 +181,11 @@ pub async fn run(
         .filter(|(id, _)| **id != config.id)
         .map(|(i, a)| (*i, a.clone()))
         .collect();
+    let proposer = Proposer::start(raft.clone(), view.clone());
     let reconciler = Reconciler::new(
         config.id,
         raft.clone(),
+        proposer.clone(),
         view.clone(),
         objects.clone(),
         peers,
@@ -193,6 +196,7 @@ pub async fn run(
         view,
         objects: objects.clone(),
         reconciler: reconciler.clone(),
+        proposer,
     };
     const MAX_MESSAGE: usize = 64 << 20;
     let server = tonic::transport::Server::builder()

@@ -9,6 +9,8 @@ pub enum LogKey {
     Vote,
     Committed,
     LastPurged,
+    /// Format version of the entries' encoding.
+    Format,
     Entry(u64),
 }
 
@@ -20,6 +22,7 @@ impl LogKey {
             LogKey::Vote => vec![0x01],
             LogKey::Committed => vec![0x02],
             LogKey::LastPurged => vec![0x03],
+            LogKey::Format => vec![0x04],
             LogKey::Entry(index) => index_key(Self::ENTRY, *index),
         }
     }

@@ -13,7 +13,7 @@ use openraft::{AnyError, OptionalSend, RaftLogId, StorageIOError};
 
 use crate::durable::{decode, encode, Durable, StoreError};
 use crate::keys::LogKey;
-use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::types::{Entry, Events, LogId, StorageError, TypeConfig, Vote};
 
 #[derive(Clone)]
 pub struct LogStore {
@@ -29,10 +29,31 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_logs(AnyError::new(&e)).into()
 }
 
+/// Version of the entries' encoding. 1: an entry carries a batch of events ([`Events`]); the
+/// unversioned log before it carried exactly one event per entry ([`legacy`]).
+const FORMAT: u32 = 1;
+
 impl LogStore {
     pub fn open(durable: Arc<Durable>) -> Result<LogStore, StoreError> {
         let tree = durable.db.open_tree("raft_log")?;
-        Ok(LogStore { tree, durable })
+        let store = LogStore { tree, durable };
+        match store.get::<u32>(LogKey::Format)? {
+            Some(FORMAT) => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    found,
+                    expected: FORMAT,
+                })
+            }
+            None => {
+                legacy::upgrade(&store.tree)?;
+                store
+                    .tree
+                    .insert(LogKey::Format.encode(), encode(&FORMAT))?;
+                store.durable.sync()?;
+            }
+        }
+        Ok(store)
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: LogKey) -> Result<Option<T>, StoreError> {
@@ -209,5 +230,60 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.tree.apply_batch(batch).map_err(write_err)?;
         self.sync().await.map_err(write_err)
+    }
+}
+
+/// The log as written before entries carried batches: one event's bytes per entry.
+pub(crate) mod legacy {
+    use openraft::EntryPayload;
+    use serde::{Deserialize, Serialize};
+
+    use super::{decode, encode, Entry, Events, LogKey, StoreError};
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub(crate) struct EventBytes(pub Vec<u8>);
+
+    openraft::declare_raft_types!(
+        pub(crate) Config:
+            D = EventBytes,
+            R = (),
+            NodeId = u64,
+            Node = openraft::BasicNode,
+            Entry = openraft::Entry<Config>,
+            SnapshotData = tokio::fs::File,
+            AsyncRuntime = openraft::TokioRuntime,
+    );
+
+    pub(crate) type LegacyEntry = openraft::Entry<Config>;
+
+    /// Re-encodes every entry of an unversioned log as a batch of its one event, in one sled
+    /// batch (the caller syncs), so a crash part way leaves the old log to upgrade again.
+    pub(super) fn upgrade(tree: &sled::Tree) -> Result<(), StoreError> {
+        let range = LogKey::Entry(0).encode()..=LogKey::Entry(u64::MAX).encode();
+        let mut batch = sled::Batch::default();
+        let mut upgraded = 0u64;
+        for item in tree.range(range) {
+            let (key, value) = item?;
+            let old: LegacyEntry = decode("log entry (unversioned)", &value)?;
+            let payload = match old.payload {
+                EntryPayload::Blank => EntryPayload::Blank,
+                EntryPayload::Normal(EventBytes(event)) => EntryPayload::Normal(Events::one(event)),
+                EntryPayload::Membership(m) => EntryPayload::Membership(m),
+            };
+            let entry = Entry {
+                log_id: old.log_id,
+                payload,
+            };
+            batch.insert(key, encode(&entry));
+            upgraded += 1;
+        }
+        if upgraded > 0 {
+            tracing::info!(
+                entries = upgraded,
+                "upgrading the Raft log to batched entries"
+            );
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
     }
 }

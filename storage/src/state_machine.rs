@@ -22,7 +22,7 @@ use crate::journal::{self, JournalHead, JournalRecord};
 use crate::keys::StateKey;
 use crate::snapshot::{Frame, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use crate::types::{
-    Applied, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Applied, Entry, Events, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
 /// Version of the fleet records' encoding. The journal's encoding never changes, so records of
@@ -149,6 +149,43 @@ fn index_event(batch: &mut sled::Batch, index: u64, event: &Event) {
 }
 
 /// Replaces the fleet records and the audit index with what the journal says, in one batch.
+/// Applies one committed event: to the fleet state, its changed records and audit indexes, and
+/// the journal. A refused event changes nothing.
+fn apply_event(
+    live: &mut Live,
+    batch: &mut sled::Batch,
+    log_index: u64,
+    bytes: Vec<u8>,
+) -> Applied {
+    let next = live.journal.index + 1;
+    let outcome = Event::decode(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|event| {
+            let touched = live.state.apply(next, &event).map_err(|r| r.to_string())?;
+            index_event(batch, next, &event);
+            Ok(touched)
+        });
+    let touched = match outcome {
+        Err(reason) => return Applied::Refused(reason),
+        Ok(touched) => touched,
+    };
+    for t in &touched {
+        match record(&live.state, t) {
+            (key, Some(value)) => batch.insert(key.encode(), value),
+            (key, None) => batch.remove(key.encode()),
+        }
+    }
+    let head = live.journal.next(&bytes);
+    let rec = JournalRecord {
+        log_index,
+        hash: head.hash,
+        event: bytes,
+    };
+    batch.insert(StateKey::Journal(head.index).encode(), encode(&rec));
+    live.journal = head;
+    Applied::Event(head)
+}
+
 fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
     let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
     let mut state = FleetState::default();
@@ -248,7 +285,10 @@ impl Shared {
         self.live.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn apply(&self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Applied>, StoreError> {
+    fn apply(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Vec<Vec<Applied>>, StoreError> {
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         let mut batch = sled::Batch::default();
         let mut results = Vec::new();
@@ -258,43 +298,15 @@ impl Shared {
             live.last_applied = Some(log_id);
             applied_any = true;
             let result = match entry.payload {
-                EntryPayload::Blank => Applied::NotAnEvent,
+                EntryPayload::Blank => Vec::new(),
                 EntryPayload::Membership(membership) => {
                     live.membership = StoredMembership::new(Some(log_id), membership);
-                    Applied::NotAnEvent
+                    Vec::new()
                 }
-                EntryPayload::Normal(bytes) => {
-                    let next = live.journal.index + 1;
-                    let outcome =
-                        Event::decode(&bytes.0)
-                            .map_err(|e| e.to_string())
-                            .and_then(|event| {
-                                let touched =
-                                    live.state.apply(next, &event).map_err(|r| r.to_string())?;
-                                index_event(&mut batch, next, &event);
-                                Ok(touched)
-                            });
-                    match outcome {
-                        Err(reason) => Applied::Refused(reason),
-                        Ok(touched) => {
-                            for t in &touched {
-                                match record(&live.state, t) {
-                                    (key, Some(value)) => batch.insert(key.encode(), value),
-                                    (key, None) => batch.remove(key.encode()),
-                                }
-                            }
-                            let head = live.journal.next(&bytes.0);
-                            let rec = JournalRecord {
-                                log_index: log_id.index,
-                                hash: head.hash,
-                                event: bytes.0,
-                            };
-                            batch.insert(StateKey::Journal(head.index).encode(), encode(&rec));
-                            live.journal = head;
-                            Applied::Event(head)
-                        }
-                    }
-                }
+                EntryPayload::Normal(Events(events)) => events
+                    .into_iter()
+                    .map(|event| apply_event(&mut live, &mut batch, log_id.index, event))
+                    .collect(),
             };
             results.push(result);
         }
@@ -565,7 +577,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((live.last_applied, live.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Applied>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use crate::event::{Change, Event};
 use crate::log_store::LogStore;
 use crate::state_machine::StateMachineStore;
-use crate::types::{Applied, Entry, EventBytes, LogId, StorageError, TypeConfig, Vote};
+use crate::types::{Applied, Entry, Events, LogId, StorageError, TypeConfig, Vote};
 
 struct SledBuilder;
 
@@ -32,16 +32,20 @@ fn log_id(term: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(term, 1), index)
 }
 
-fn event_entry(index: u64, change: Change) -> Entry {
-    let event = Event {
+fn event_bytes(index: u64, change: Change) -> Vec<u8> {
+    Event {
         actor: "alice".into(),
         time_unix_ms: index as i64,
         reason: "test".into(),
         change,
-    };
+    }
+    .encode()
+}
+
+fn event_entry(index: u64, change: Change) -> Entry {
     Entry {
         log_id: log_id(1, index),
-        payload: EntryPayload::Normal(EventBytes(event.encode())),
+        payload: EntryPayload::Normal(Events::one(event_bytes(index, change))),
     }
 }
 
@@ -113,21 +117,33 @@ fn refused_events_change_nothing_and_are_not_journaled() {
                 event_entry(2, machine("web-01")),
                 Entry {
                     log_id: log_id(1, 3),
-                    payload: EntryPayload::Normal(EventBytes(vec![0xff, 0x01])),
+                    payload: EntryPayload::Normal(Events::one(vec![0xff, 0x01])),
                 },
-                event_entry(
-                    4,
-                    Change::MachineRemoved {
-                        hostname: "web-01".into(),
-                    },
-                ),
+                // One entry of several events (group commit): a refused one leaves its
+                // neighbours applied, and each applied one is its own journal record.
+                Entry {
+                    log_id: log_id(1, 4),
+                    payload: EntryPayload::Normal(Events(vec![
+                        event_bytes(
+                            4,
+                            Change::MachineRemoved {
+                                hostname: "web-01".into(),
+                            },
+                        ),
+                        event_bytes(4, machine("web-02")),
+                        event_bytes(4, machine("web-02")),
+                    ])),
+                },
             ])
             .await
             .unwrap();
-        assert!(matches!(results[0], Applied::Event(h) if h.index == 1));
-        assert!(matches!(&results[1], Applied::Refused(r) if r.contains("already exists")));
-        assert!(matches!(&results[2], Applied::Refused(_)));
-        assert!(matches!(results[3], Applied::Event(h) if h.index == 2));
+        assert!(matches!(results[0][..], [Applied::Event(h)] if h.index == 1));
+        assert!(matches!(&results[1][..], [Applied::Refused(r)] if r.contains("already exists")));
+        assert!(matches!(&results[2][..], [Applied::Refused(_)]));
+        assert!(matches!(
+            &results[3][..],
+            [Applied::Event(a), Applied::Event(b), Applied::Refused(_)] if a.index == 2 && b.index == 3
+        ));
         let view = sm.view();
         let records: Vec<_> = view.journal(1, u64::MAX).map(|r| r.unwrap()).collect();
         assert_eq!(
@@ -135,9 +151,9 @@ fn refused_events_change_nothing_and_are_not_journaled() {
                 .iter()
                 .map(|(i, r)| (*i, r.log_index))
                 .collect::<Vec<_>>(),
-            vec![(1, 1), (2, 4)]
+            vec![(1, 1), (2, 4), (3, 4)]
         );
-        assert_eq!(view.read(|l| l.state.machines().count()), 0);
+        assert_eq!(view.read(|l| l.state.machines().count()), 1);
         assert_eq!(
             view.indexed(true, "web-01").unwrap(),
             vec![1, 2],
@@ -246,7 +262,7 @@ fn apply_survives_arbitrary_bytes_and_mutated_events() {
         let (_log, mut sm) = crate::open(dir.path()).unwrap();
         let entries = payloads.into_iter().enumerate().map(|(i, p)| Entry {
             log_id: log_id(1, i as u64 + 1),
-            payload: EntryPayload::Normal(EventBytes(p)),
+            payload: EntryPayload::Normal(Events::one(p)),
         });
         let results = sm.apply(entries.collect::<Vec<_>>()).await.unwrap();
         assert_eq!(results.len(), 2_000);
@@ -257,6 +273,7 @@ fn apply_survives_arbitrary_bytes_and_mutated_events() {
         assert_eq!(head, view.journal_head());
         let journaled = results
             .iter()
+            .flatten()
             .filter(|r| matches!(r, Applied::Event(_)))
             .count();
         assert_eq!(journaled as u64, head.index);
@@ -293,5 +310,56 @@ fn records_of_an_older_format_are_rebuilt_from_the_journal() {
         let (_log, sm) = crate::open(dir.path()).unwrap();
         assert_eq!(sm.view().read(|l| l.state.clone()), expected);
         assert_eq!(sm.view().indexed(true, "web-02").unwrap(), vec![2]);
+    });
+}
+
+#[test]
+fn an_unversioned_log_is_upgraded_to_batched_entries_and_a_newer_one_refused() {
+    use crate::log_store::legacy;
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let event = event_bytes(1, machine("web-01"));
+        {
+            // A log as the builds before batched entries wrote it: no format key, one event's
+            // bytes per entry.
+            let db = sled::open(dir.path().join("sled")).unwrap();
+            let tree = db.open_tree("raft_log").unwrap();
+            for (index, payload) in [
+                (1, EntryPayload::Blank),
+                (2, EntryPayload::Normal(legacy::EventBytes(event.clone()))),
+            ] {
+                let entry = legacy::LegacyEntry {
+                    log_id: log_id(1, index),
+                    payload,
+                };
+                tree.insert(
+                    crate::keys::LogKey::Entry(index).encode(),
+                    crate::durable::encode(&entry),
+                )
+                .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        {
+            let (mut log, _sm) = crate::open(dir.path()).unwrap();
+            let entries = log.try_get_log_entries(1..3).await.unwrap();
+            assert_eq!(entries[0].payload, EntryPayload::Blank);
+            assert_eq!(entries[1].payload, EntryPayload::Normal(Events::one(event)));
+        }
+        {
+            let db = sled::open(dir.path().join("sled")).unwrap();
+            let tree = db.open_tree("raft_log").unwrap();
+            tree.insert(
+                crate::keys::LogKey::Format.encode(),
+                crate::durable::encode(&99u32),
+            )
+            .unwrap();
+            db.flush().unwrap();
+        }
+        match crate::open(dir.path()) {
+            Err(crate::durable::StoreError::Format { found: 99, .. }) => {}
+            Err(other) => panic!("expected a format error, got {other}"),
+            Ok(_) => panic!("a log of a newer format was opened"),
+        }
     });
 }

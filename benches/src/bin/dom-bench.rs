@@ -91,7 +91,7 @@ enum Bench {
 /// machine that replicas use: 10 images, a machine for every 20 events, the rest assignments.
 fn generate_journal(dir: &Path, events: u64) {
     use dom_storage::event::{Change, Event};
-    use dom_storage::types::{Entry, EventBytes};
+    use dom_storage::types::{Entry, Events};
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, EntryPayload, LogId};
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -136,7 +136,7 @@ fn generate_journal(dir: &Path, events: u64) {
                     };
                     Entry {
                         log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1),
-                        payload: EntryPayload::Normal(EventBytes(event.encode())),
+                        payload: EntryPayload::Normal(Events::one(event.encode())),
                     }
                 })
                 .collect();
