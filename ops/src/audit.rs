@@ -12,8 +12,8 @@ use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use dom_proto::v1 as pb;
 use dom_storage::event::{Change, Event, Hash};
-use dom_storage::fleet::FleetState;
 use dom_storage::journal::{self, JournalHead, JournalRecord};
+use dom_storage::replay::{Replay, Until};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -408,61 +408,22 @@ struct Replayed {
     halted: bool,
 }
 
-/// Folds journal records into a fleet state, stopping after `at` (an index, or a time).
-struct Replayer {
-    state: FleetState,
-    index: u64,
-    time: Option<i64>,
-    head: JournalHead,
-    stop_index: Option<u64>,
-    stop_time: Option<i64>,
-}
-
-impl Replayer {
-    /// Applies one record; false once the record is past the point asked for.
-    fn feed(&mut self, index: u64, record: &JournalRecord) -> anyhow::Result<bool> {
-        if self.stop_index.is_some_and(|s| index > s) {
-            return Ok(false);
-        }
-        let event = decode(index, &record.event)?;
-        if self.stop_time.is_some_and(|t| event.time_unix_ms > t) {
-            return Ok(false);
-        }
-        self.head = journal::verify(self.head, [(index, record)])
-            .with_context(|| "the journal is damaged; run audit verify")?;
-        self.state
-            .apply(index, &event)
-            .map_err(|r| anyhow::anyhow!("journal record {index} does not apply: {r}"))?;
-        self.index = index;
-        self.time = Some(event.time_unix_ms);
-        Ok(true)
-    }
-}
-
 async fn replay(ctx: &mut Context, at: &str, data_dir: Option<&Path>) -> anyhow::Result<()> {
-    let (stop_index, stop_time) = match at.parse::<u64>() {
-        Ok(index) => (Some(index), None),
-        Err(_) => (None, Some(parse_time(at, OffsetDateTime::now_utc())?)),
+    let until = match at.parse::<u64>() {
+        Ok(index) => Until::Index(index),
+        Err(_) => Until::Time(parse_time(at, OffsetDateTime::now_utc())?),
     };
-    let mut replayer = Replayer {
-        state: FleetState::default(),
-        index: 0,
-        time: None,
-        head: JournalHead::default(),
-        stop_index,
-        stop_time,
+    let stop_index = match until {
+        Until::Index(index) => Some(index),
+        _ => None,
     };
-    match data_dir {
+    let replayer = match data_dir {
         Some(dir) => {
             let (_copy, view) = open_copy(dir)?;
-            for item in view.journal(1, stop_index.unwrap_or(u64::MAX)) {
-                let (index, record) = item?;
-                if !replayer.feed(index, &record)? {
-                    break;
-                }
-            }
+            Replay::new(until).fold(view.journal(1, stop_index.unwrap_or(u64::MAX)))?
         }
         None => {
+            let mut replayer = Replay::new(until);
             let request = pb::ReadJournalRequest {
                 from: 1,
                 to: stop_index.unwrap_or(0),
@@ -486,20 +447,19 @@ async fn replay(ctx: &mut Context, at: &str, data_dir: Option<&Path>) -> anyhow:
                     break;
                 }
             }
+            replayer
         }
-    }
-    if let Some(index) = stop_index {
-        if replayer.index < index {
-            bail!(
-                "the journal ends at index {}; there is no index {index}",
-                replayer.index
-            );
+    };
+    let index = replayer.head().index;
+    if let Some(asked) = stop_index {
+        if index < asked {
+            bail!("the journal ends at index {index}; there is no index {asked}");
         }
     }
     let state = &replayer.state;
     let replayed = Replayed {
-        index: replayer.index,
-        time: replayer.time.map(rfc3339),
+        index,
+        time: replayer.time_unix_ms.map(rfc3339),
         machines: state
             .machines()
             .map(crate::machine::Machine::from)

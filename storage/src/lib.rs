@@ -21,6 +21,7 @@ pub mod log_store;
 pub mod names;
 pub mod objects;
 pub mod plan;
+pub mod replay;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
