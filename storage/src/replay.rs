@@ -1,10 +1,12 @@
 //! Point-in-time replay: folding journal records into the fleet state they produce, checking
 //! the hash chain on the way. `domadm audit replay` and `dom-bench replay` share this fold.
 //!
-//! The fold has two halves: admitting a record (is it before the point asked for, is it the
-//! next link of the chain, does it decode) and applying its event to the fleet state. Over a
-//! local journal [`Replay::fold`] runs them on two threads, so reading, hashing and decoding the
-//! next records overlaps applying the earlier ones.
+//! The fold has two halves: admitting a record (is it before the index asked for, is it the
+//! next link of the chain) and applying it (decode, stop at the time asked for, apply to the
+//! fleet state). Over a local journal [`Replay::fold`] runs them on two threads, so reading
+//! and hashing the next records overlaps applying the earlier ones. (Decoding stays with apply:
+//! handing decoded events across threads made the fold slower, not faster, as their many small
+//! allocations were freed on the other thread.)
 
 use std::sync::mpsc;
 
@@ -35,35 +37,32 @@ pub enum ReplayError {
     Read(String),
 }
 
-/// The admitting half: the chain head so far and the point to stop at.
+/// The admitting half: is the record before the index asked for, and is it the next link of
+/// the chain. It works on the stored bytes alone, so the fold can hand records to the applying
+/// thread without a decoded event's many small allocations crossing threads.
 #[derive(Debug, Clone, Copy)]
 struct Admit {
     head: JournalHead,
-    until: Until,
+    last: Option<u64>,
 }
 
 impl Admit {
-    /// The record's event, or `None` once the record is past the point asked for.
-    fn admit(&mut self, index: u64, record: &JournalRecord) -> Result<Option<Event>, ReplayError> {
-        if matches!(self.until, Until::Index(last) if index > last) {
-            return Ok(None);
-        }
-        let event = Event::decode(&record.event).map_err(|e| ReplayError::Decode {
-            index,
-            error: e.to_string(),
-        })?;
-        if matches!(self.until, Until::Time(t) if event.time_unix_ms > t) {
-            return Ok(None);
+    /// False once the record is past the index asked for.
+    fn admit(&mut self, index: u64, record: &JournalRecord) -> Result<bool, ReplayError> {
+        if self.last.is_some_and(|last| index > last) {
+            return Ok(false);
         }
         self.head = crate::journal::verify(self.head, [(index, record)])?;
-        Ok(Some(event))
+        Ok(true)
     }
 }
 
 /// A fleet state folded from the start of the journal.
 #[derive(Debug, Clone)]
 pub struct Replay {
-    admit: Admit,
+    until: Until,
+    /// The last record applied.
+    head: JournalHead,
     pub state: FleetState,
     /// The time of the last event applied.
     pub time_unix_ms: Option<i64>,
@@ -76,10 +75,8 @@ const HANDOFF: usize = 1024;
 impl Replay {
     pub fn new(until: Until) -> Replay {
         Replay {
-            admit: Admit {
-                head: JournalHead::default(),
-                until,
-            },
+            until,
+            head: JournalHead::default(),
             state: FleetState::default(),
             time_unix_ms: None,
         }
@@ -87,29 +84,48 @@ impl Replay {
 
     /// The last record applied (index 0 for none) and its hash.
     pub fn head(&self) -> JournalHead {
-        self.admit.head
+        self.head
+    }
+
+    fn admit(&self) -> Admit {
+        Admit {
+            head: self.head,
+            last: match self.until {
+                Until::Index(last) => Some(last),
+                _ => None,
+            },
+        }
     }
 
     /// Applies one record, the next in index order; false once it is past the point asked for.
     pub fn feed(&mut self, index: u64, record: &JournalRecord) -> Result<bool, ReplayError> {
-        match self.admit.admit(index, record)? {
-            None => Ok(false),
-            Some(event) => {
-                self.apply(index, &event)?;
-                Ok(true)
-            }
+        if !self.admit().admit(index, record)? {
+            return Ok(false);
         }
+        self.apply(index, record)
     }
 
-    fn apply(&mut self, index: u64, event: &Event) -> Result<(), ReplayError> {
+    /// Applies an admitted record; false if its time is past the point asked for.
+    fn apply(&mut self, index: u64, record: &JournalRecord) -> Result<bool, ReplayError> {
+        let event = Event::decode(&record.event).map_err(|e| ReplayError::Decode {
+            index,
+            error: e.to_string(),
+        })?;
+        if matches!(self.until, Until::Time(t) if event.time_unix_ms > t) {
+            return Ok(false);
+        }
         self.state
-            .apply(index, event)
+            .apply(index, &event)
             .map_err(|r| ReplayError::Apply {
                 index,
                 reason: r.to_string(),
             })?;
         self.time_unix_ms = Some(event.time_unix_ms);
-        Ok(())
+        self.head = JournalHead {
+            index,
+            hash: record.hash,
+        };
+        Ok(true)
     }
 
     /// Feeds `records` (in index order) until they end or pass the point asked for, admitting
@@ -118,17 +134,18 @@ impl Replay {
         mut self,
         records: impl Iterator<Item = Result<(u64, JournalRecord), E>> + Send,
     ) -> Result<Replay, ReplayError> {
-        let (handoff, admitted) = mpsc::sync_channel::<Result<Vec<(u64, Event)>, ReplayError>>(4);
-        let mut admit = self.admit;
+        type Batch = Vec<(u64, JournalRecord)>;
+        let (handoff, admitted) = mpsc::sync_channel::<Result<Batch, ReplayError>>(4);
+        let mut admit = self.admit();
         std::thread::scope(|scope| {
-            let reader = scope.spawn(move || {
+            scope.spawn(move || {
                 let mut batch = Vec::with_capacity(HANDOFF);
                 for item in records {
-                    let admitted = item
-                        .map_err(|e| ReplayError::Read(e.to_string()))
-                        .and_then(|(index, record)| {
-                            Ok(admit.admit(index, &record)?.map(|event| (index, event)))
-                        });
+                    let admitted = item.map_err(|e| ReplayError::Read(e.to_string())).and_then(
+                        |(index, record)| {
+                            Ok(admit.admit(index, &record)?.then_some((index, record)))
+                        },
+                    );
                     match admitted {
                         Ok(Some(next)) => batch.push(next),
                         Ok(None) => break,
@@ -136,34 +153,33 @@ impl Replay {
                             // Apply what came before the bad record, then report it.
                             let _ = handoff.send(Ok(std::mem::take(&mut batch)));
                             let _ = handoff.send(Err(e));
-                            return admit;
+                            return;
                         }
                     }
                     if batch.len() == HANDOFF {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(HANDOFF));
                         if handoff.send(Ok(full)).is_err() {
-                            // The applying side stopped on an error of its own.
-                            return admit;
+                            // The applying side has stopped.
+                            return;
                         }
                     }
                 }
                 let _ = handoff.send(Ok(batch));
-                admit
             });
-            let applied = admitted.iter().try_for_each(|batch| {
-                batch?
-                    .into_iter()
-                    .try_for_each(|(index, event)| self.apply(index, &event))
-            });
-            // Dropping the receiver first lets a reader blocked on a full channel finish.
-            drop(admitted);
-            let admit = reader
-                .join()
-                .map_err(|_| ReplayError::Read("the journal reader panicked".into()))?;
-            applied?;
-            self.admit = admit;
-            Ok(self)
-        })
+            // Owned here, so that leaving early drops it, and a reader blocked on a full
+            // channel stops, before the scope waits for the reader.
+            let admitted = admitted;
+            for batch in admitted.iter() {
+                for (index, record) in batch? {
+                    if !self.apply(index, &record)? {
+                        // Past the time asked for.
+                        return Ok::<(), ReplayError>(());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(self)
     }
 }
 
@@ -223,7 +239,10 @@ mod tests {
             Until::Index(2_000),
             Until::Time(1_500_000),
         ] {
-            let (a, b) = (fed(until, &records).unwrap(), folded(until, &records).unwrap());
+            let (a, b) = (
+                fed(until, &records).unwrap(),
+                folded(until, &records).unwrap(),
+            );
             assert_eq!(a.head(), b.head(), "{until:?}");
             assert_eq!(a.state, b.state, "{until:?}");
             assert_eq!(a.time_unix_ms, b.time_unix_ms, "{until:?}");

@@ -178,7 +178,7 @@ fn replay(events: u64) {
     let cold_read_s = read_all();
     let warm_read_s = read_all();
     let started = Instant::now();
-    // The fold `domadm audit replay --data-dir` runs: admitting (read, verify chain, decode) on
+    // The fold `domadm audit replay --data-dir` runs: admitting (read, verify chain) on
     // one thread while applying on another.
     let replayed = dom_storage::replay::Replay::new(dom_storage::replay::Until::End)
         .fold(view.journal(1, u64::MAX))
@@ -230,7 +230,7 @@ fn replay(events: u64) {
     println!("replay of a {events}-event journal (generated through the state machine in {generate_s:.1} s):");
     println!("  in process: open {open_s:.2} s; read every record {cold_read_s:.2} s cold, {warm_read_s:.2} s warm ({} records/s)", per_sec(warm_read_s));
     println!(
-        "  in process, warm: read, verify chain, decode | apply (two threads):  {fold_s:.2} s, {} events/s",
+        "  in process, warm: read, verify chain | decode, apply (two threads):  {fold_s:.2} s, {} events/s",
         per_sec(fold_s)
     );
     println!(
