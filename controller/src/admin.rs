@@ -39,13 +39,22 @@ pub struct AdminService {
 pub(crate) async fn linearizable(raft: &Raft) -> Result<(), Status> {
     match raft.ensure_linearizable().await {
         Ok(_) => Ok(()),
-        Err(e) => match e.forward_to_leader::<BasicNode>() {
-            Some(f) => Err(not_leader(
-                f.leader_id
-                    .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
-            )),
-            None => Err(retry_later(format!("cannot confirm leadership: {e}"))),
-        },
+        Err(e) => Err(raft_error_status(&e, "cannot confirm leadership")),
+    }
+}
+
+/// A Raft error as the client should see it: a redirect to the leader when there is one to
+/// name, else "retry later" with `what` failed and why.
+pub(crate) fn raft_error_status<E>(e: &openraft::error::RaftError<NodeId, E>, what: &str) -> Status
+where
+    E: std::error::Error + openraft::TryAsRef<openraft::error::ForwardToLeader<NodeId, BasicNode>>,
+{
+    match e.forward_to_leader::<BasicNode>() {
+        Some(f) => not_leader(
+            f.leader_id
+                .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
+        ),
+        None => retry_later(format!("{what}: {e}")),
     }
 }
 

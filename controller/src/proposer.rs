@@ -16,11 +16,11 @@ use dom_proto::v1 as pb;
 use dom_storage::event::Event;
 use dom_storage::state_machine::FleetView;
 use dom_storage::types::{Applied, Events, Raft};
-use openraft::{BasicNode, ServerState};
+use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
-use crate::admin::{leader_of, not_leader, rejection_status, retry_later};
+use crate::admin::{leader_of, not_leader, raft_error_status, rejection_status, retry_later};
 use crate::agents::now_unix_ms;
 
 /// Entries being committed at once. The Raft core writes entries one at a time anyway, so a
@@ -134,13 +134,7 @@ async fn commit(raft: &Raft, batch: Vec<Pending>) {
             }
         }
         Err(e) => {
-            let status = match e.forward_to_leader::<BasicNode>() {
-                Some(f) => not_leader(
-                    f.leader_id
-                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
-                ),
-                None => retry_later(format!("not committed: {e}")),
-            };
+            let status = raft_error_status(&e, "not committed");
             for reply in replies {
                 let _ = reply.send(Err(status.clone()));
             }
