@@ -3,31 +3,24 @@
 //!
 //! openraft 0.9 writes each client entry on the Raft core's task and waits for its flush and
 //! fsync before it takes the next, so with one event per entry a leader commits at most one
-//! event per disk sync, however many operators and sessions are waiting. The proposer keeps a
-//! few entries in flight; whatever arrives while they are all in flight waits in its queue and
+//! event per disk sync, however many operators and sessions are waiting. The proposer commits
+//! one entry at a time; whatever arrives while an entry is in flight waits in its queue and
 //! goes out as the next entry, so under load one sync and one replication round carry many
 //! events, and alone an event goes out at once. Each event is still checked, applied and
 //! journaled on its own (apply refuses one without touching its neighbours), so batching changes
 //! the log's grouping, never what any event does.
-
-use std::sync::Arc;
 
 use dom_proto::v1 as pb;
 use dom_storage::event::Event;
 use dom_storage::state_machine::FleetView;
 use dom_storage::types::{Applied, Events, Raft};
 use openraft::ServerState;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::admin::{leader_of, not_leader, raft_error_status, rejection_status, retry_later};
 use crate::agents::now_unix_ms;
 
-/// Entries being committed at once. The Raft core writes entries one at a time anyway, so a
-/// second entry in flight only splits the waiting events into smaller entries, each paying the
-/// per-entry sync, replication and apply: `dom-bench writes` at concurrency 16 / 64 gave
-/// 2828 / 5370 events/s with one, 2341 / 4411 with two and 2133 / 4914 with four.
-const IN_FLIGHT: usize = 1;
 /// Bounds on one entry, so that openraft's replication batches (up to 300 entries) stay well
 /// inside the Raft channel's message limit.
 const MAX_EVENTS: usize = 1024;
@@ -91,14 +84,12 @@ impl Proposer {
     }
 }
 
+/// Commits one entry at a time. The Raft core writes entries one at a time anyway, so a second
+/// entry in flight only splits the waiting events into smaller entries, each paying the
+/// per-entry sync, replication and apply: `dom-bench writes` at concurrency 16 / 64 gave
+/// 2828 / 5370 events/s with one entry in flight, 2341 / 4411 with two and 2133 / 4914 with four.
 async fn commit_batches(raft: Raft, mut pending: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = pending.recv().await {
-        // Take the slot before gathering, so that everything arriving while every slot is busy
-        // joins this entry.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let mut bytes = first.event.len();
         let mut batch = vec![first];
         while batch.len() < MAX_EVENTS && bytes < MAX_BYTES {
@@ -110,11 +101,7 @@ async fn commit_batches(raft: Raft, mut pending: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            commit(&raft, batch).await;
-            drop(slot);
-        });
+        commit(&raft, batch).await;
     }
 }
 

@@ -413,10 +413,7 @@ async fn replay(ctx: &mut Context, at: &str, data_dir: Option<&Path>) -> anyhow:
         Ok(index) => Until::Index(index),
         Err(_) => Until::Time(parse_time(at, OffsetDateTime::now_utc())?),
     };
-    let stop_index = match until {
-        Until::Index(index) => Some(index),
-        _ => None,
-    };
+    let stop_index = until.last_index();
     let replayer = match data_dir {
         Some(dir) => {
             let (_copy, view) = open_copy(dir)?;

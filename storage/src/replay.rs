@@ -25,6 +25,16 @@ pub enum Until {
     Time(i64),
 }
 
+impl Until {
+    /// The last journal index to replay, when the point is an index.
+    pub fn last_index(self) -> Option<u64> {
+        match self {
+            Until::Index(last) => Some(last),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("the journal is damaged: {0}; run audit verify")]
@@ -90,10 +100,7 @@ impl Replay {
     fn admit(&self) -> Admit {
         Admit {
             head: self.head,
-            last: match self.until {
-                Until::Index(last) => Some(last),
-                _ => None,
-            },
+            last: self.until.last_index(),
         }
     }
 

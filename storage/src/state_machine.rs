@@ -148,7 +148,6 @@ fn index_event(batch: &mut sled::Batch, index: u64, event: &Event) {
     }
 }
 
-/// Replaces the fleet records and the audit index with what the journal says, in one batch.
 /// Applies one committed event: to the fleet state, its changed records and audit indexes, and
 /// the journal. A refused event changes nothing.
 fn apply_event(
@@ -186,6 +185,7 @@ fn apply_event(
     Applied::Event(head)
 }
 
+/// Replaces the fleet records and the audit index with what the journal says, in one batch.
 fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
     let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
     let mut state = FleetState::default();
