@@ -287,3 +287,25 @@ fn a_paused_machine_is_skipped_until_its_pause_ends() {
         "version 2\n"
     );
 }
+
+#[test]
+fn two_images_with_one_tree_each_reach_their_own_machines() {
+    // Machines on one base planning toward images of the same tree share the planning work,
+    // but each must get its own image: the name is what it reports and what its filter,
+    // triggers and compliance are judged by.
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(None);
+    let (_, twin_root) = two_versions(&cluster, "tw", 5);
+    let src = cluster.dir.path().join("src-tw-2");
+    for name in ["twin/a", "twin/b"] {
+        assert_eq!(add_image(&cluster, name, &src, &[]), twin_root);
+    }
+    let agents = fleet(&cluster, &["w1", "w2"], "tw/1", &[]);
+    ok(cluster.domadm(&["assign", "--required", "twin/a", "w1"]));
+    ok(cluster.domadm(&["assign", "--required", "twin/b", "w2"]));
+    cluster.wait_compliant("w1", "twin/a", CONVERGE);
+    cluster.wait_compliant("w2", "twin/b", CONVERGE);
+    for agent in &agents {
+        assert_eq!(tree_root(&agent.root, &[]), twin_root);
+    }
+}

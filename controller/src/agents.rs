@@ -119,7 +119,7 @@ pub struct Reconciler {
     sessions: Mutex<HashMap<String, u64>>,
     manifests: Mutex<Cache<Hash, LoadedManifest>>,
     transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
-    /// Plans for machines exactly on their base, by (base, target, agent exclusions).
+    /// Plans for machines exactly on their base.
     plans: Mutex<Cache<SharedPlanKey, Plan>>,
     /// Compiled agent exclusions, shared by every machine that sends the same lines.
     filters: Mutex<HashMap<Vec<String>, Filter>>,
@@ -179,7 +179,10 @@ const LEADER_WARMUP: Duration = Duration::from_secs(10);
 
 pub use crate::reconcile::BRAKE_WINDOW_MS;
 
-type SharedPlanKey = (Option<Hash>, Hash, Vec<String>);
+/// A shared plan is fixed by the base manifest, the target image and the agent's exclusions.
+/// The target goes by name, not by manifest: images of one tree differ in name, filter and
+/// triggers, and an image name is never reused.
+type SharedPlanKey = (Option<Hash>, String, Vec<String>);
 
 /// A manifest with the size of its object, which agents fetch with the rest.
 struct LoadedManifest {
@@ -1032,7 +1035,7 @@ impl Session {
         let shared_key = view.delta.is_empty().then(|| {
             (
                 base.as_ref().map(|b| b.manifest_hash),
-                target.manifest_hash,
+                target.name.clone(),
                 view.excluded.lines().to_vec(),
             )
         });
