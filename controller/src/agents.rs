@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dom_proto::frame::{ControllerFrame, Shared};
 use dom_proto::v1 as pb;
 use dom_storage::event::Hash;
 use dom_storage::image::{entry_from_pb, entry_to_pb, is_normalized, Entry, Filter, Manifest};
@@ -120,7 +121,7 @@ pub struct Reconciler {
     manifests: Mutex<Cache<Hash, LoadedManifest>>,
     transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
     /// Plans for machines exactly on their base.
-    plans: Mutex<Cache<SharedPlanKey, Plan>>,
+    plans: Mutex<Cache<SharedPlanKey, EncodedPlan>>,
     /// Compiled agent exclusions, shared by every machine that sends the same lines.
     filters: Mutex<HashMap<Vec<String>, Filter>>,
     next_session: AtomicU64,
@@ -368,7 +369,7 @@ impl Reconciler {
         machines.update(hostname, |v| {
             v.work = Work::Updating {
                 plan_id: pending.plan_id,
-                image: pending.plan.image.clone(),
+                image: pending.plan.plan.image.clone(),
                 started_unix_ms: now_unix_ms(),
                 high_impact: pending.high_impact,
             };
@@ -637,15 +638,80 @@ fn step_to_pb(step: &Step) -> pb::Step {
     }
 }
 
-type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+type Outbound = mpsc::Sender<Result<ControllerFrame, Status>>;
+
+/// A plan with its messages encoded once, less the fields that differ per machine: a
+/// fleet-wide assignment sends thousands of machines the same bytes.
+struct EncodedPlan {
+    plan: Plan,
+    /// The Fetch, without `plan_id` and `bytes_per_sec`.
+    fetch: Shared<pb::Fetch>,
+    objects_total: u64,
+    bytes_total: u64,
+    /// The Update pages, without `plan_id` and `generation`.
+    update_pages: Vec<Shared<pb::Update>>,
+}
+
+impl EncodedPlan {
+    fn new(plan: Plan, target: &TargetImage) -> EncodedPlan {
+        let mut objects: Vec<pb::ObjectRef> = plan
+            .objects()
+            .into_iter()
+            .map(|(hash, size)| pb::ObjectRef {
+                hash: hash.to_vec(),
+                size,
+            })
+            .collect();
+        // The agent needs the manifest too: it is its base once the update succeeds.
+        objects.push(pb::ObjectRef {
+            hash: target.manifest_hash.to_vec(),
+            size: target.manifest.size,
+        });
+        let bytes_total = objects.iter().map(|o| o.size).sum();
+        let objects_total = objects.len() as u64;
+        let fetch = Shared::new(&pb::Fetch {
+            image: plan.image.clone(),
+            objects,
+            ..Default::default()
+        });
+        let triggers: Vec<pb::Trigger> = plan
+            .triggers
+            .iter()
+            .cloned()
+            .map(dom_storage::event::trigger_to_pb)
+            .collect();
+        let pages: Vec<&[Step]> = plan.steps.chunks(STEPS_PER_PAGE).collect();
+        let last = pages.len().saturating_sub(1);
+        let update_pages = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, page)| {
+                Shared::new(&pb::Update {
+                    image: plan.image.clone(),
+                    steps: page.iter().map(step_to_pb).collect(),
+                    triggers: if i == 0 { triggers.clone() } else { vec![] },
+                    complete: i == last,
+                    manifest_hash: target.manifest_hash.to_vec(),
+                    filter: target.filter.lines().to_vec(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        EncodedPlan {
+            plan,
+            fetch,
+            objects_total,
+            bytes_total,
+            update_pages,
+        }
+    }
+}
 
 /// A plan the session has started: fetched first, then sent as an update.
 struct Pending {
     plan_id: u64,
-    plan: Arc<Plan>,
+    plan: Arc<EncodedPlan>,
     generation: u64,
-    manifest_hash: Hash,
-    filter: Vec<String>,
     preload: bool,
     high_impact: bool,
 }
@@ -659,10 +725,8 @@ struct Session {
     wait_until: Option<i64>,
 }
 
-async fn send(out: &Outbound, body: pb::controller_message::Body) -> Result<(), ()> {
-    out.send(Ok(pb::ControllerMessage { body: Some(body) }))
-        .await
-        .map_err(|_| ())
+async fn send(out: &Outbound, frame: impl Into<ControllerFrame>) -> Result<(), ()> {
+    out.send(Ok(frame.into())).await.map_err(|_| ())
 }
 
 impl Session {
@@ -819,7 +883,7 @@ impl Session {
                 let Some(pending) = self.pending.as_ref().filter(|x| x.plan_id == p.plan_id) else {
                     return Ok(());
                 };
-                let image = pending.plan.image.clone();
+                let image = pending.plan.plan.image.clone();
                 let preload = pending.preload;
                 if !p.error.is_empty() {
                     tracing::warn!(host = %self.hostname, %image, "fetch failed: {}", p.error);
@@ -1053,10 +1117,11 @@ impl Session {
                 &view.excluded,
             )
         };
-        let plan = match &shared_key {
-            Some(key) => cached_sure(&r.plans, key, make).await,
-            None => Arc::new(make()),
+        let encoded = match &shared_key {
+            Some(key) => cached_sure(&r.plans, key, || EncodedPlan::new(make(), &target)).await,
+            None => Arc::new(EncodedPlan::new(make(), &target)),
         };
+        let plan = &encoded.plan;
         if preload {
             if plan.objects().is_empty() {
                 r.with_machine(&self.hostname, |v| v.preloaded = Some(image.to_owned()));
@@ -1094,22 +1159,7 @@ impl Session {
             return Ok(());
         }
         let plan_id = r.plan_id();
-        let mut objects: Vec<pb::ObjectRef> = plan
-            .objects()
-            .into_iter()
-            .map(|(hash, size)| pb::ObjectRef {
-                hash: hash.to_vec(),
-                size,
-            })
-            .collect();
-        // The agent needs the manifest too: it is its base once the update succeeds.
-        let manifest_size = target.manifest.size;
-        objects.push(pb::ObjectRef {
-            hash: target.manifest_hash.to_vec(),
-            size: manifest_size,
-        });
-        let bytes_total = objects.iter().map(|o| o.size).sum();
-        let objects_total = objects.len() as u64;
+        let (objects_total, bytes_total) = (encoded.objects_total, encoded.bytes_total);
         tracing::info!(host = %self.hostname, %image, plan_id, preload, steps = plan.steps.len(), objects = objects_total, "planned");
         r.with_machine(&self.hostname, |v| {
             v.hold = None;
@@ -1124,30 +1174,27 @@ impl Session {
             }
         });
         let high_impact = plan.high_impact();
+        let fetch = ControllerFrame::spliced(
+            &pb::Fetch {
+                plan_id,
+                bytes_per_sec: r
+                    .view
+                    .read(|l| l.state.policy().fetch_bytes_per_sec)
+                    .unwrap_or(0),
+                ..Default::default()
+            },
+            &encoded.fetch,
+        );
         self.pending = Some(Pending {
             plan_id,
-            plan,
+            plan: encoded,
             generation: view.generation,
-            manifest_hash: target.manifest_hash,
-            filter: target.filter.lines().to_vec(),
             preload,
             high_impact,
         });
-        let bytes_per_sec = r
-            .view
-            .read(|l| l.state.policy().fetch_bytes_per_sec)
-            .unwrap_or(0);
-        send(
-            &self.out,
-            pb::controller_message::Body::Fetch(pb::Fetch {
-                plan_id,
-                image: image.to_owned(),
-                objects,
-                bytes_per_sec,
-            }),
-        )
-        .await
-        .map_err(|_| Status::cancelled("agent went away"))
+        send(&self.out, fetch)
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))
     }
 
     async fn start_update(&mut self) -> Result<(), Status> {
@@ -1166,7 +1213,7 @@ impl Session {
         };
         // The fleet may have moved on while the objects came: a new required image makes this
         // plan moot; a halt or a pause holds it, fetched, until it ends.
-        if machine.required_image.as_deref() != Some(pending.plan.image.as_str()) {
+        if machine.required_image.as_deref() != Some(pending.plan.plan.image.as_str()) {
             self.pending = None;
             r.with_machine(&self.hostname, |v| v.work = Work::Idle);
             return Ok(());
@@ -1193,31 +1240,15 @@ impl Session {
             r.with_machine(&self.hostname, |v| v.hold = Some(hold));
             return Ok(());
         }
-        let triggers: Vec<pb::Trigger> = pending
-            .plan
-            .triggers
-            .iter()
-            .cloned()
-            .map(dom_storage::event::trigger_to_pb)
-            .collect();
-        let pages: Vec<&[Step]> = pending.plan.steps.chunks(STEPS_PER_PAGE).collect();
-        let last = pages.len().saturating_sub(1);
-        for (i, page) in pages.into_iter().enumerate() {
-            send(
-                &self.out,
-                pb::controller_message::Body::Update(pb::Update {
-                    plan_id: pending.plan_id,
-                    image: pending.plan.image.clone(),
-                    generation: pending.generation,
-                    steps: page.iter().map(step_to_pb).collect(),
-                    triggers: if i == 0 { triggers.clone() } else { vec![] },
-                    complete: i == last,
-                    manifest_hash: pending.manifest_hash.to_vec(),
-                    filter: pending.filter.clone(),
-                }),
-            )
-            .await
-            .map_err(|_| Status::cancelled("agent went away"))?;
+        let own = pb::Update {
+            plan_id: pending.plan_id,
+            generation: pending.generation,
+            ..Default::default()
+        };
+        for page in &pending.plan.update_pages {
+            send(&self.out, ControllerFrame::spliced(&own, page))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
         }
         Ok(())
     }
@@ -1229,8 +1260,8 @@ pub struct AgentService {
 }
 
 #[tonic::async_trait]
-impl pb::agent_server::Agent for AgentService {
-    type SyncStream = ReceiverStream<Result<pb::ControllerMessage, Status>>;
+impl dom_proto::leader::agent_server::Agent for AgentService {
+    type SyncStream = ReceiverStream<Result<ControllerFrame, Status>>;
 
     async fn sync(
         &self,

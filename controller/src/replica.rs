@@ -20,7 +20,7 @@ use crate::agents::{AgentService, Reconciler};
 use crate::network::{Network, RaftService};
 use crate::objects::{Maintenance, ObjectsService};
 use crate::proposer::Proposer;
-use dom_proto::v1::agent_server::AgentServer;
+use dom_proto::leader::agent_server::AgentServer;
 use dom_proto::v1::objects_server::ObjectsServer;
 use dom_storage::objects::ObjectStore;
 

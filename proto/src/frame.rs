@@ -1,0 +1,286 @@
+//! Leader-to-agent messages with a shared part encoded once.
+//!
+//! A fleet-wide assignment sends thousands of machines the same Fetch (hundreds of object
+//! references) and the same Update pages (hundreds of steps); only the plan id and the
+//! machine's generation differ. Protobuf lets a message be written as any concatenation of
+//! its fields, so the leader encodes the shared fields once and writes, per machine, the few
+//! fields of its own followed by those shared bytes. Agents see ordinary
+//! `v1::ControllerMessage`s: the bytes are those of the message built whole, up to field
+//! order (tested below).
+
+use std::marker::PhantomData;
+
+use prost::bytes::{BufMut, Bytes};
+use prost::Message;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::Status;
+
+use crate::v1;
+
+/// The fields of a message of type `M` that many machines get alike, encoded once.
+#[derive(Debug)]
+pub struct Shared<M> {
+    bytes: Bytes,
+    of: PhantomData<fn() -> M>,
+}
+
+impl<M> Clone for Shared<M> {
+    fn clone(&self) -> Self {
+        Shared {
+            bytes: self.bytes.clone(),
+            of: PhantomData,
+        }
+    }
+}
+
+impl<M: Message> Shared<M> {
+    /// `part` holds only the shared fields; the per-machine ones are left at their defaults,
+    /// which protobuf does not encode.
+    pub fn new(part: &M) -> Self {
+        Shared {
+            bytes: part.encode_to_vec().into(),
+            of: PhantomData,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// A message that travels as one variant of `ControllerMessage.body`.
+pub trait Body: Message {
+    /// Its field number in `ControllerMessage`.
+    const FIELD: u32;
+}
+
+impl Body for v1::Fetch {
+    const FIELD: u32 = 3;
+}
+
+impl Body for v1::Update {
+    const FIELD: u32 = 4;
+}
+
+/// One message on an agent's stream, as the leader sends it.
+#[derive(Debug, Clone)]
+pub struct ControllerFrame(Repr);
+
+#[derive(Debug, Clone)]
+enum Repr {
+    Whole(v1::ControllerMessage),
+    /// The body's key and length, the machine's own fields, then the shared ones.
+    Spliced {
+        head: Vec<u8>,
+        shared: Bytes,
+    },
+}
+
+impl ControllerFrame {
+    /// A body of type `M` whose fields are `own` (only the per-machine fields set) and
+    /// `shared`. A field set in both would be written twice: a scalar would take the shared
+    /// value and a repeated field would hold both, so callers keep the two apart.
+    pub fn spliced<M: Body>(own: &M, shared: &Shared<M>) -> Self {
+        let own_len = own.encoded_len();
+        let mut head = Vec::with_capacity(own_len + 16);
+        // A field key is a varint of (field number << 3 | wire type), as is a length; wire
+        // type 2 is length-delimited. Writing to a Vec cannot run out of room.
+        let key = ((M::FIELD << 3) | 2) as usize;
+        let _ = prost::encode_length_delimiter(key, &mut head);
+        let _ = prost::encode_length_delimiter(own_len + shared.bytes.len(), &mut head);
+        let _ = own.encode(&mut head);
+        ControllerFrame(Repr::Spliced {
+            head,
+            shared: shared.bytes.clone(),
+        })
+    }
+
+    /// The encoded message, as an agent receives it.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        match &self.0 {
+            Repr::Whole(message) => message.encode_raw(buf),
+            Repr::Spliced { head, shared } => {
+                buf.put_slice(head);
+                buf.put_slice(shared);
+            }
+        }
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        match &self.0 {
+            Repr::Whole(message) => message.encoded_len(),
+            Repr::Spliced { head, shared } => head.len() + shared.len(),
+        }
+    }
+
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.encoded_len());
+        self.encode(&mut buf);
+        buf
+    }
+}
+
+impl From<v1::ControllerMessage> for ControllerFrame {
+    fn from(message: v1::ControllerMessage) -> Self {
+        ControllerFrame(Repr::Whole(message))
+    }
+}
+
+impl From<v1::controller_message::Body> for ControllerFrame {
+    fn from(body: v1::controller_message::Body) -> Self {
+        v1::ControllerMessage { body: Some(body) }.into()
+    }
+}
+
+/// The Agent service's codec on the leader: frames out, `AgentMessage`s in.
+#[derive(Debug, Default, Clone)]
+pub struct FrameCodec;
+
+#[derive(Debug, Default, Clone)]
+pub struct FrameEncoder;
+
+impl Encoder for FrameEncoder {
+    type Item = ControllerFrame;
+    type Error = Status;
+
+    fn encode(&mut self, frame: ControllerFrame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // EncodeBuf grows as written, as prost's own encoder relies on.
+        frame.encode(dst);
+        Ok(())
+    }
+}
+
+impl Codec for FrameCodec {
+    type Encode = ControllerFrame;
+    type Decode = v1::AgentMessage;
+    type Encoder = FrameEncoder;
+    type Decoder = tonic_prost::ProstDecoder<v1::AgentMessage>;
+
+    fn encoder(&mut self) -> FrameEncoder {
+        FrameEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::controller_message::Body as B;
+
+    fn fetch() -> v1::Fetch {
+        v1::Fetch {
+            plan_id: (7 << 32) | 12_345,
+            image: "web/2".into(),
+            objects: (0..300u64)
+                .map(|i| v1::ObjectRef {
+                    hash: vec![i as u8; 32],
+                    size: i * 1000,
+                })
+                .collect(),
+            bytes_per_sec: 50_000_000,
+        }
+    }
+
+    fn update() -> v1::Update {
+        v1::Update {
+            plan_id: 99,
+            image: "web/2".into(),
+            generation: 1 << 40,
+            steps: (0..200)
+                .map(|i| v1::Step {
+                    kind: 1,
+                    entry: Some(v1::ManifestEntry {
+                        path: format!("/usr/lib/f{i}"),
+                        mode: 0o644,
+                        size: i,
+                        hash: vec![i as u8; 32],
+                        ..Default::default()
+                    }),
+                })
+                .collect(),
+            triggers: vec![v1::Trigger {
+                service: "web".into(),
+                ..Default::default()
+            }],
+            complete: true,
+            manifest_hash: vec![9; 32],
+            filter: vec!["/var/log/.*".into()],
+        }
+    }
+
+    fn decoded(frame: &ControllerFrame) -> v1::ControllerMessage {
+        let bytes = frame.encode_to_vec();
+        assert_eq!(bytes.len(), frame.encoded_len());
+        v1::ControllerMessage::decode(bytes.as_slice()).expect("a frame decodes")
+    }
+
+    #[test]
+    fn a_spliced_fetch_is_the_fetch_built_whole() {
+        let whole = fetch();
+        let shared = Shared::new(&v1::Fetch {
+            plan_id: 0,
+            bytes_per_sec: 0,
+            ..whole.clone()
+        });
+        let own = v1::Fetch {
+            plan_id: whole.plan_id,
+            bytes_per_sec: whole.bytes_per_sec,
+            ..Default::default()
+        };
+        let frame = ControllerFrame::spliced(&own, &shared);
+        assert_eq!(decoded(&frame).body, Some(B::Fetch(whole.clone())));
+        // Same size as the message built whole: only the order of fields differs.
+        let typed = v1::ControllerMessage {
+            body: Some(B::Fetch(whole)),
+        };
+        assert_eq!(frame.encoded_len(), typed.encoded_len());
+    }
+
+    #[test]
+    fn a_spliced_update_is_the_update_built_whole_and_one_shared_part_serves_many() {
+        let whole = update();
+        let shared = Shared::new(&v1::Update {
+            plan_id: 0,
+            generation: 0,
+            ..whole.clone()
+        });
+        for (plan_id, generation) in [(1, 0), (2, 5), (u64::MAX, u64::MAX)] {
+            let own = v1::Update {
+                plan_id,
+                generation,
+                ..Default::default()
+            };
+            let want = v1::Update {
+                plan_id,
+                generation,
+                ..whole.clone()
+            };
+            let frame = ControllerFrame::spliced(&own, &shared);
+            assert_eq!(decoded(&frame).body, Some(B::Update(want)));
+        }
+    }
+
+    #[test]
+    fn a_whole_message_encodes_as_prost_does() {
+        let message = v1::ControllerMessage {
+            body: Some(B::Welcome(v1::Welcome { leader_id: 3 })),
+        };
+        let frame = ControllerFrame::from(message.clone());
+        assert_eq!(frame.encode_to_vec(), message.encode_to_vec());
+        assert_eq!(decoded(&frame), message);
+    }
+
+    #[test]
+    fn an_empty_body_still_frames() {
+        let frame =
+            ControllerFrame::spliced(&v1::Fetch::default(), &Shared::new(&v1::Fetch::default()));
+        assert_eq!(decoded(&frame).body, Some(B::Fetch(v1::Fetch::default())));
+    }
+}
