@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::admin::{leader_of, not_leader};
 use crate::objects::load_manifest;
 use crate::proposer::Proposer;
-use crate::reconcile::{self, Decision, MachineView, Outcome, UpdateSummary, Work};
+use crate::reconcile::{self, Decision, LogInputs, MachineView, Outcome, UpdateSummary, Work};
 
 /// The actor of events the controller appends itself (the automatic brake).
 pub const CONTROLLER_ACTOR: &str = "domd";
@@ -723,6 +723,11 @@ struct Session {
     out: Outbound,
     pending: Option<Pending>,
     wait_until: Option<i64>,
+    /// Fetched and held by a rollout limit: the only state in which a freed slot concerns
+    /// this machine.
+    held_for_slot: bool,
+    /// The log as this session last decided on it.
+    seen: Option<LogInputs>,
 }
 
 async fn send(out: &Outbound, frame: impl Into<ControllerFrame>) -> Result<(), ()> {
@@ -774,11 +779,15 @@ impl Session {
                     if changed.is_err() {
                         break Err(Status::unavailable("replica is stopping"));
                     }
-                    if r.view.read(|l| l.state.machine(&self.hostname).is_none()) {
+                    let Some(inputs) = r.view.read(|l| LogInputs::read(&l.state, &self.hostname)) else {
                         break Err(Status::not_found(format!(
                             "machine {} was removed from the fleet", self.hostname
                         )));
+                    };
+                    if self.seen.as_ref() == Some(&inputs) {
+                        continue;
                     }
+                    self.seen = Some(inputs);
                 }
                 changed = metrics.changed() => {
                     if changed.is_err() || !r.is_leader() {
@@ -789,7 +798,7 @@ impl Session {
                 _ = tokio::time::sleep(sleep) => {
                     self.wait_until = None;
                 }
-                _ = slots.changed(), if self.pending.is_some() => {}
+                _ = slots.changed(), if self.held_for_slot => {}
             }
             if let Err(status) = Box::pin(self.reconcile()).await {
                 break Err(status);
@@ -1199,6 +1208,7 @@ impl Session {
 
     async fn start_update(&mut self) -> Result<(), Status> {
         let r = self.reconciler.clone();
+        self.held_for_slot = false;
         let Some(pending) = self.pending.as_ref() else {
             r.with_machine(&self.hostname, |v| v.work = Work::Idle);
             return Ok(());
@@ -1233,8 +1243,11 @@ impl Session {
             self.wait_until = Some(until);
             Some(format!("fetched; paused: {}", machine.pause_reason))
         } else {
-            r.try_start(&self.hostname, pending, &policy, fleet_size)
-                .err()
+            let held = r
+                .try_start(&self.hostname, pending, &policy, fleet_size)
+                .err();
+            self.held_for_slot = held.is_some();
+            held
         };
         if let Some(hold) = hold {
             r.with_machine(&self.hostname, |v| v.hold = Some(hold));
@@ -1336,6 +1349,8 @@ impl dom_proto::leader::agent_server::Agent for AgentService {
             out,
             pending: None,
             wait_until: None,
+            held_for_slot: false,
+            seen: None,
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use dom_storage::event::Hash;
+use dom_storage::fleet::{FleetState, Policy};
 use dom_storage::image::{Entry, Filter};
 use dom_storage::plan::Delta;
 
@@ -295,6 +296,40 @@ impl MachineView {
     }
 }
 
+/// Everything a machine's decisions read from the log: its own record, its images, the fleet's
+/// size and policy. A commit that leaves these as they were cannot change what its session
+/// would do, so the session sleeps through it, and a compliant machine costs the leader
+/// nothing when other machines' events commit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogInputs {
+    machine_changed_at: u64,
+    /// (added at, deleted at) of the required and the planned image, if they exist.
+    images: [Option<(u64, Option<u64>)>; 2],
+    fleet_size: usize,
+    policy: Policy,
+}
+
+impl LogInputs {
+    /// None when the machine is not in the fleet.
+    pub fn read(state: &FleetState, hostname: &str) -> Option<LogInputs> {
+        let machine = state.machine(hostname)?;
+        let image = |name: &Option<String>| {
+            name.as_deref()
+                .and_then(|n| state.image(n))
+                .map(|i| (i.added_at, i.deleted_at))
+        };
+        Some(LogInputs {
+            machine_changed_at: machine.changed_at,
+            images: [
+                image(&machine.required_image),
+                image(&machine.planned_image),
+            ],
+            fleet_size: state.machine_count(),
+            policy: state.policy().clone(),
+        })
+    }
+}
+
 /// The next step for one machine, given what the log says of it.
 pub fn decide(view: &MachineView, log: &Assignment<'_>, now_ms: i64) -> Decision {
     if !view.connected || !view.complete {
@@ -431,6 +466,89 @@ mod tests {
             steps: 1,
             services: vec![],
         }
+    }
+
+    #[test]
+    fn only_commits_that_concern_a_machine_change_its_log_inputs() {
+        use dom_storage::event::{Change, Event};
+        let mut state = FleetState::default();
+        let mut index = 0;
+        let mut apply = |state: &mut FleetState, change: Change| {
+            index += 1;
+            let event = Event {
+                actor: "alice".into(),
+                time_unix_ms: 1_000,
+                reason: "test".into(),
+                change,
+            };
+            state.apply(index, &event).expect("applies");
+        };
+        for name in ["a", "b"] {
+            apply(
+                &mut state,
+                Change::ImageAdded {
+                    name: name.into(),
+                    root_hash: [1; 32],
+                    files: 1,
+                    bytes: 1,
+                    manifest_hash: Some([2; 32]),
+                    filter: vec![],
+                    triggers: vec![],
+                },
+            );
+        }
+        for host in ["m1", "m2"] {
+            apply(
+                &mut state,
+                Change::MachineAdded {
+                    hostname: host.into(),
+                    tags: BTreeMap::new(),
+                    required_image: Some("a".into()),
+                    planned_image: None,
+                },
+            );
+        }
+        let read = |state: &FleetState| LogInputs::read(state, "m1").expect("m1 is in the fleet");
+        let mut seen = read(&state);
+
+        // Another machine's events leave m1's inputs as they were.
+        apply(
+            &mut state,
+            Change::MachineUpdated {
+                hostname: "m2".into(),
+                tags: BTreeMap::from([("rack".into(), "7".into())]),
+            },
+        );
+        apply(
+            &mut state,
+            Change::RequiredImageSet {
+                hostnames: vec!["m2".into()],
+                image: Some("b".into()),
+            },
+        );
+        assert_eq!(read(&state), seen);
+
+        // Its own assignment, a halt, a new machine in the fleet (percentage limits) do not.
+        let changes = [
+            Change::PlannedImageSet {
+                hostnames: vec!["m1".into()],
+                image: Some("b".into()),
+            },
+            Change::UpdatesHalted,
+            Change::MachineAdded {
+                hostname: "m3".into(),
+                tags: BTreeMap::new(),
+                required_image: None,
+                planned_image: None,
+            },
+        ];
+        for change in changes {
+            apply(&mut state, change.clone());
+            let now = read(&state);
+            assert_ne!(now, seen, "{change:?} concerns m1");
+            seen = now;
+        }
+        assert_eq!(LogInputs::read(&state, "gone"), None);
     }
 
     #[test]
