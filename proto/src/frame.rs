@@ -148,7 +148,9 @@ impl Encoder for FrameEncoder {
     type Error = Status;
 
     fn encode(&mut self, frame: ControllerFrame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // EncodeBuf grows as written, as prost's own encoder relies on.
+        // One allocation of the right size: plans are larger than tonic's buffer, and letting
+        // the copy grow it doubled the copying (a profile of a 10,000-machine rollout).
+        dst.reserve(frame.encoded_len());
         frame.encode(dst);
         Ok(())
     }
