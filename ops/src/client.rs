@@ -74,7 +74,32 @@ impl Cluster {
 
     /// Calls `rpc` on the leader (or any replica for calls every replica answers), following
     /// `dom-leader` hints. Refusals (bad input, unknown names) come back at once as errors.
+    /// Calls the leader, following leader hints and failing over; each attempt is capped at
+    /// 30 s.
     pub async fn call<T, F, Fut>(&mut self, rpc: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_over(channel, rpc).await
+    }
+
+    /// [`Cluster::call`] for a call whose work grows with its input (an image's commit waits
+    /// for its objects to reach a majority): no cap on its length, but HTTP/2 pings notice a
+    /// replica that stopped answering.
+    pub async fn call_long<T, F, Fut>(&mut self, rpc: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_over(long_channel, rpc).await
+    }
+
+    async fn call_over<T, F, Fut>(
+        &mut self,
+        channel: fn(&str) -> Result<Channel, String>,
+        rpc: F,
+    ) -> Result<T, ClientError>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -154,8 +179,11 @@ pub fn channel_to(addr: &str) -> Result<Channel, ClientError> {
 /// A channel for an upload, which takes as long as its size and the link make it: no cap on a
 /// call's length, but HTTP/2 pings notice a replica that stopped answering.
 pub fn bulk_channel_to(addr: &str) -> Result<Channel, ClientError> {
-    Ok(endpoint(addr)
-        .map_err(ClientError::Refused)?
+    long_channel(addr).map_err(ClientError::Refused)
+}
+
+fn long_channel(addr: &str) -> Result<Channel, String> {
+    Ok(endpoint(addr)?
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)

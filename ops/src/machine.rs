@@ -193,16 +193,21 @@ pub async fn commit(ctx: &mut Context, change: Change, done: &str) -> anyhow::Re
         reason: ctx.reason.clone(),
         change,
     };
+    // An image commits only once its objects are on a majority, which takes as long as
+    // there are objects to copy: a 40,000-file image on a busy cluster outlasted 30 s.
+    let long = matches!(event.change, Change::ImageAdded { .. });
     let request = pb::AppendRequest {
         event: Some(event.into()),
     };
-    let reply = ctx
-        .cluster
-        .call(|c| {
-            let request = request.clone();
-            async move { crate::client::admin(c).append(request).await }
-        })
-        .await?;
+    let append = |c| {
+        let request = request.clone();
+        async move { crate::client::admin(c).append(request).await }
+    };
+    let reply = if long {
+        ctx.cluster.call_long(append).await?
+    } else {
+        ctx.cluster.call(append).await?
+    };
     let committed = Committed {
         journal_index: reply.journal_index,
         log_index: reply.log_index,
