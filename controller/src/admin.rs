@@ -37,10 +37,10 @@ pub struct AdminService {
 
 /// Waits until this replica, as the leader, has applied everything committed before now.
 pub(crate) async fn linearizable(raft: &Raft) -> Result<(), Status> {
-    match raft.ensure_linearizable().await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(raft_error_status(&e, "cannot confirm leadership")),
-    }
+    raft.ensure_linearizable()
+        .await
+        .map(drop)
+        .map_err(|e| raft_error_status(&e, "cannot confirm leadership"))
 }
 
 /// A Raft error as the client should see it: a redirect to the leader when there is one to

@@ -369,7 +369,7 @@ impl Reconciler {
         machines.update(hostname, |v| {
             v.work = Work::Updating {
                 plan_id: pending.plan_id,
-                image: pending.plan.plan.image.clone(),
+                image: pending.encoded.plan.image.clone(),
                 started_unix_ms: now_unix_ms(),
                 high_impact: pending.high_impact,
             };
@@ -710,7 +710,7 @@ impl EncodedPlan {
 /// A plan the session has started: fetched first, then sent as an update.
 struct Pending {
     plan_id: u64,
-    plan: Arc<EncodedPlan>,
+    encoded: Arc<EncodedPlan>,
     generation: u64,
     preload: bool,
     high_impact: bool,
@@ -892,7 +892,7 @@ impl Session {
                 let Some(pending) = self.pending.as_ref().filter(|x| x.plan_id == p.plan_id) else {
                     return Ok(());
                 };
-                let image = pending.plan.plan.image.clone();
+                let image = pending.encoded.plan.image.clone();
                 let preload = pending.preload;
                 if !p.error.is_empty() {
                     tracing::warn!(host = %self.hostname, %image, "fetch failed: {}", p.error);
@@ -1196,7 +1196,7 @@ impl Session {
         );
         self.pending = Some(Pending {
             plan_id,
-            plan: encoded,
+            encoded,
             generation: view.generation,
             preload,
             high_impact,
@@ -1223,7 +1223,7 @@ impl Session {
         };
         // The fleet may have moved on while the objects came: a new required image makes this
         // plan moot; a halt or a pause holds it, fetched, until it ends.
-        if machine.required_image.as_deref() != Some(pending.plan.plan.image.as_str()) {
+        if machine.required_image.as_deref() != Some(pending.encoded.plan.image.as_str()) {
             self.pending = None;
             r.with_machine(&self.hostname, |v| v.work = Work::Idle);
             return Ok(());
@@ -1258,7 +1258,7 @@ impl Session {
             generation: pending.generation,
             ..Default::default()
         };
-        for page in &pending.plan.update_pages {
+        for page in &pending.encoded.update_pages {
             send(&self.out, ControllerFrame::spliced(&own, page))
                 .await
                 .map_err(|_| Status::cancelled("agent went away"))?;

@@ -42,14 +42,6 @@ impl<M: Message> Shared<M> {
             of: PhantomData,
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
 }
 
 /// A message that travels as one variant of `ControllerMessage.body`.
@@ -115,12 +107,6 @@ impl ControllerFrame {
             Repr::Whole(message) => message.encoded_len(),
             Repr::Spliced { head, shared } => head.len() + shared.len(),
         }
-    }
-
-    pub fn encode_to_vec(&self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(self.encoded_len());
-        self.encode(&mut buf);
-        buf
     }
 }
 
@@ -217,8 +203,14 @@ mod tests {
         }
     }
 
+    fn bytes(frame: &ControllerFrame) -> Vec<u8> {
+        let mut buf = Vec::new();
+        frame.encode(&mut buf);
+        buf
+    }
+
     fn decoded(frame: &ControllerFrame) -> v1::ControllerMessage {
-        let bytes = frame.encode_to_vec();
+        let bytes = bytes(frame);
         assert_eq!(bytes.len(), frame.encoded_len());
         v1::ControllerMessage::decode(bytes.as_slice()).expect("a frame decodes")
     }
@@ -275,7 +267,7 @@ mod tests {
             body: Some(B::Welcome(v1::Welcome { leader_id: 3 })),
         };
         let frame = ControllerFrame::from(message.clone());
-        assert_eq!(frame.encode_to_vec(), message.encode_to_vec());
+        assert_eq!(bytes(&frame), message.encode_to_vec());
         assert_eq!(decoded(&frame), message);
     }
 
