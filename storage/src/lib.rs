@@ -42,5 +42,24 @@ pub fn open(
     Ok((log, sm))
 }
 
+/// As [`open`], but waits up to `patience` while the data dir is locked. sled 0.34 lets go of
+/// its file lock from background threads a moment after the last handle drops, so a process
+/// that closes a data dir and opens it again (a tool, a bench, a test) must wait for it; a
+/// daemon opening its data dir once uses [`open`] and refuses a dir in use at once.
+pub fn open_when_released(
+    dir: &Path,
+    patience: std::time::Duration,
+) -> Result<(log_store::LogStore, state_machine::StateMachineStore), StoreError> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match open(dir) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

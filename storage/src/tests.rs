@@ -23,6 +23,26 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuil
     }
 }
 
+fn reopen(dir: &std::path::Path) -> Result<(LogStore, StateMachineStore), crate::StoreError> {
+    crate::open_when_released(dir, std::time::Duration::from_secs(10))
+}
+
+/// A raw sled handle on a replica's data dir, for tests that write what older builds wrote;
+/// like [`crate::open_when_released`], it waits for a lock released a moment ago.
+fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    let path = dir.join("sled");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(&path) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("sled at {}: {e}", path.display())
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
 #[test]
 fn openraft_storage_suite() -> Result<(), StorageError> {
     Suite::test_all(SledBuilder)
@@ -84,7 +104,7 @@ fn vote_log_commit_and_state_survive_reopen() {
             log.save_committed(Some(log_id(1, 2))).await.unwrap();
             sm.apply(entries).await.unwrap();
         }
-        let (mut log, mut sm) = crate::open(dir.path()).unwrap();
+        let (mut log, mut sm) = reopen(dir.path()).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
         assert_eq!(log.try_get_log_entries(1..3).await.unwrap().len(), 2);
@@ -213,7 +233,7 @@ fn a_snapshot_carries_the_whole_journal_to_an_empty_replica() {
         drop((follower, follower_view, _follower_log));
 
         // And the installed state is what a restart loads.
-        let (_log, reopened) = crate::open(follower_dir.path()).unwrap();
+        let (_log, reopened) = reopen(follower_dir.path()).unwrap();
         assert_eq!(
             reopened.view().read(|l| l.state.clone()),
             leader_view.read(|l| l.state.clone())
@@ -296,7 +316,7 @@ fn records_of_an_older_format_are_rebuilt_from_the_journal() {
         };
         {
             // Make the records look old and wrong: only the journal is trusted.
-            let db = sled::open(dir.path().join("sled")).unwrap();
+            let db = raw_sled(dir.path());
             let tree = db.open_tree("state").unwrap();
             tree.insert(
                 crate::keys::StateKey::Format.encode(),
@@ -307,7 +327,7 @@ fn records_of_an_older_format_are_rebuilt_from_the_journal() {
                 .unwrap();
             db.flush().unwrap();
         }
-        let (_log, sm) = crate::open(dir.path()).unwrap();
+        let (_log, sm) = reopen(dir.path()).unwrap();
         assert_eq!(sm.view().read(|l| l.state.clone()), expected);
         assert_eq!(sm.view().indexed(true, "web-02").unwrap(), vec![2]);
     });
@@ -322,7 +342,7 @@ fn an_unversioned_log_is_upgraded_to_batched_entries_and_a_newer_one_refused() {
         {
             // A log as the builds before batched entries wrote it: no format key, one event's
             // bytes per entry.
-            let db = sled::open(dir.path().join("sled")).unwrap();
+            let db = raw_sled(dir.path());
             let tree = db.open_tree("raft_log").unwrap();
             for (index, payload) in [
                 (1, EntryPayload::Blank),
@@ -341,13 +361,13 @@ fn an_unversioned_log_is_upgraded_to_batched_entries_and_a_newer_one_refused() {
             db.flush().unwrap();
         }
         {
-            let (mut log, _sm) = crate::open(dir.path()).unwrap();
+            let (mut log, _sm) = reopen(dir.path()).unwrap();
             let entries = log.try_get_log_entries(1..3).await.unwrap();
             assert_eq!(entries[0].payload, EntryPayload::Blank);
             assert_eq!(entries[1].payload, EntryPayload::Normal(Events::one(event)));
         }
         {
-            let db = sled::open(dir.path().join("sled")).unwrap();
+            let db = raw_sled(dir.path());
             let tree = db.open_tree("raft_log").unwrap();
             tree.insert(
                 crate::keys::LogKey::Format.encode(),
@@ -356,7 +376,7 @@ fn an_unversioned_log_is_upgraded_to_batched_entries_and_a_newer_one_refused() {
             .unwrap();
             db.flush().unwrap();
         }
-        match crate::open(dir.path()) {
+        match reopen(dir.path()) {
             Err(crate::durable::StoreError::Format { found: 99, .. }) => {}
             Err(other) => panic!("expected a format error, got {other}"),
             Ok(_) => panic!("a log of a newer format was opened"),

@@ -8,7 +8,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use dom_tests::{free_port, Cluster};
@@ -161,7 +161,8 @@ fn replay(events: u64) {
 
     // In process, phase by phase, to show where replay's time goes.
     let started = Instant::now();
-    let (_log, sm) = dom_storage::open(&dir).expect("open store");
+    let (_log, sm) =
+        dom_storage::open_when_released(&dir, Duration::from_secs(10)).expect("open store");
     let view = sm.view();
     let open_s = started.elapsed().as_secs_f64();
     let read_all = || {
@@ -665,7 +666,6 @@ fn agents_bench(n: usize, files: u64) {
     use dom_benches::agents::{self, Connections, Counters};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
-    use std::time::Duration;
 
     let work = tempfile::tempdir().expect("temp dir");
     eprintln!("generating two versions of a {files}-file image (1% of files differ)");
