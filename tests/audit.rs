@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use dom_storage::journal::JournalRecord;
-use dom_storage::keys::StateKey;
 use dom_tests::Cluster;
 use serde_json::Value;
 
@@ -181,17 +179,19 @@ fn verify_passes_a_healthy_cluster_and_finds_an_altered_record_in_a_copy() {
     let id = 3;
     cluster.stop(id);
     let copy = tempfile::tempdir().unwrap();
-    let source = cluster.replicas[&id].data_dir.join("sled");
-    for entry in walkdir::WalkDir::new(&source) {
-        let entry = entry.unwrap();
-        let target = copy
-            .path()
-            .join("sled")
-            .join(entry.path().strip_prefix(&source).unwrap());
-        if entry.file_type().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
+    for part in ["sled", "journal"] {
+        let source = cluster.replicas[&id].data_dir.join(part);
+        for entry in walkdir::WalkDir::new(&source) {
+            let entry = entry.unwrap();
+            let target = copy
+                .path()
+                .join(part)
+                .join(entry.path().strip_prefix(&source).unwrap());
+            if entry.file_type().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
         }
     }
     let clean = cluster.domadm_json(&[
@@ -202,16 +202,23 @@ fn verify_passes_a_healthy_cluster_and_finds_an_altered_record_in_a_copy() {
     ]);
     assert_eq!(clean["ok"], true, "{clean}");
     {
-        let db = sled::open(copy.path().join("sled")).unwrap();
-        let tree = db.open_tree("state").unwrap();
-        let key = StateKey::Journal(4).encode();
-        let mut record: JournalRecord =
-            dom_storage::durable::decode("record", &tree.get(&key).unwrap().unwrap()).unwrap();
-        let at = record.event.iter().position(|b| *b == b't').unwrap();
-        record.event[at] = b'T';
-        tree.insert(&key, dom_storage::durable::encode(&record))
+        // Record 4's event follows its hash in the segment file; change a byte of it.
+        let journal = copy.path().join("journal");
+        let (_, record) = dom_storage::journal_store::read_dir(&journal)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .find(|(index, _)| *index == 4)
             .unwrap();
-        db.flush().unwrap();
+        let segment = std::fs::read_dir(&journal)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
+            .unwrap();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let event_at = bytes.windows(32).position(|w| w == record.hash).unwrap() + 32;
+        let at = event_at + record.event.iter().position(|b| *b == b't').unwrap();
+        bytes[at] = b'T';
+        std::fs::write(&segment, bytes).unwrap();
     }
     let out = cluster.domadm(&[
         "audit",

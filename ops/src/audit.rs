@@ -248,26 +248,32 @@ async fn read_journal(
         .await?)
 }
 
-/// A private copy of a data dir's sled database, opened; the original is never written.
+/// A private copy of a data dir's sled database and journal, opened; the original is never
+/// written.
 fn open_copy(
     data_dir: &Path,
 ) -> anyhow::Result<(tempfile::TempDir, dom_storage::state_machine::FleetView)> {
-    let source = data_dir.join("sled");
-    if !source.join("db").is_file() {
+    if !data_dir.join("sled").join("db").is_file() {
         bail!("{} is not a domd data dir (no sled/db)", data_dir.display());
     }
     let copy = tempfile::Builder::new().prefix("domadm-audit-").tempdir()?;
-    for entry in walkdir::WalkDir::new(&source) {
-        let entry = entry?;
-        let target = copy
-            .path()
-            .join("sled")
-            .join(entry.path().strip_prefix(&source)?);
-        if entry.file_type().is_dir() {
-            std::fs::create_dir_all(&target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
+    for part in ["sled", "journal"] {
+        let source = data_dir.join(part);
+        if !source.exists() {
+            continue;
+        }
+        for entry in walkdir::WalkDir::new(&source) {
+            let entry = entry?;
+            let target = copy
+                .path()
+                .join(part)
+                .join(entry.path().strip_prefix(&source)?);
+            if entry.file_type().is_dir() {
+                std::fs::create_dir_all(&target)?;
+            } else {
+                std::fs::copy(entry.path(), &target)
+                    .with_context(|| format!("copying {}", entry.path().display()))?;
+            }
         }
     }
     let (_log, sm) = dom_storage::open(copy.path())
@@ -415,6 +421,13 @@ async fn replay(ctx: &mut Context, at: &str, data_dir: Option<&Path>) -> anyhow:
     };
     let stop_index = until.last_index();
     let replayer = match data_dir {
+        // The journal's segment files are all a replay reads: no copy, and no sled to open.
+        Some(dir) if dir.join("journal").is_dir() => {
+            let records = dom_storage::journal_store::read_dir(&dir.join("journal"))
+                .with_context(|| format!("reading the journal in {}", dir.display()))?;
+            Replay::new(until).fold(records)?
+        }
+        // A data dir of a build that kept the journal in sled: open a copy, which moves it.
         Some(dir) => {
             let (_copy, view) = open_copy(dir)?;
             Replay::new(until).fold(view.journal(1, stop_index.unwrap_or(u64::MAX)))?

@@ -45,7 +45,11 @@ pub enum StateKey {
     Machine(String),
     Image(String),
     Policy,
+    /// A journal record, in formats before 5; now the journal lives in segment files
+    /// ([`crate::journal_store`]) and these keys are read only to move them there.
     Journal(u64),
+    /// Where block `u64` of the journal starts in its segment files.
+    JournalBlock(u64),
     /// Audit index: the machine was named by journal record `u64`.
     MachineEvent(String, u64),
     /// Audit index: the image was named by journal record `u64`.
@@ -56,6 +60,7 @@ impl StateKey {
     pub const MACHINE: u8 = 0x20;
     pub const IMAGE: u8 = 0x21;
     pub const JOURNAL: u8 = 0x30;
+    pub const JOURNAL_BLOCK: u8 = 0x31;
     pub const MACHINE_EVENT: u8 = 0x40;
     pub const IMAGE_EVENT: u8 = 0x41;
 
@@ -76,6 +81,7 @@ impl StateKey {
             StateKey::Machine(name) => named(Self::MACHINE, name),
             StateKey::Image(name) => named(Self::IMAGE, name),
             StateKey::Journal(index) => index_key(Self::JOURNAL, *index),
+            StateKey::JournalBlock(block) => index_key(Self::JOURNAL_BLOCK, *block),
             StateKey::MachineEvent(name, index) => {
                 name_index_key(Self::MACHINE_EVENT, name, *index)
             }

@@ -16,6 +16,7 @@ pub mod event;
 pub mod fleet;
 pub mod image;
 pub mod journal;
+pub mod journal_store;
 pub mod keys;
 pub mod log_store;
 pub mod names;
@@ -31,14 +32,18 @@ use std::sync::Arc;
 
 pub use durable::StoreError;
 
-/// Opens (or creates) a replica's storage under `dir`: sled in `dir/sled`, snapshots in
-/// `dir/snapshots`. Fails with [`StoreError::Locked`] if another process has it open.
+/// Opens (or creates) a replica's storage under `dir`: sled in `dir/sled`, the journal's
+/// segment files in `dir/journal`, snapshots in `dir/snapshots`. Fails with [`StoreError::Locked`] if another process has it open.
 pub fn open(
     dir: &Path,
 ) -> Result<(log_store::LogStore, state_machine::StateMachineStore), StoreError> {
     let durable = Arc::new(durable::Durable::open(&dir.join("sled"))?);
     let log = log_store::LogStore::open(durable.clone())?;
-    let sm = state_machine::StateMachineStore::open(durable, dir.join("snapshots"))?;
+    let sm = state_machine::StateMachineStore::open(
+        durable,
+        &dir.join("journal"),
+        dir.join("snapshots"),
+    )?;
     Ok((log, sm))
 }
 

@@ -1,11 +1,13 @@
 //! The state machine in sled: applies committed events to the fleet state and the journal.
 //!
-//! Everything the state machine persists lives in one sled tree under [`StateKey`]s, so one
-//! batch per `apply` call writes the changed fleet records, the new journal records, the
-//! journal head and the applied log id together: after a crash the state is exactly what the
-//! applied id says, and openraft re-applies from there. On start the fleet state is loaded from
-//! its records, not replayed. Applied state is not fsynced per batch (the Raft log already is);
-//! building a snapshot syncs it first, because the log may be purged behind a snapshot.
+//! The fleet state's records, the audit index, the journal head and the applied log id live in
+//! one sled tree under [`StateKey`]s, so one batch per `apply` call writes them together: after
+//! a crash the state is exactly what the applied id says, and openraft re-applies from there.
+//! The journal's records go to its segment files ([`JournalStore`]) just before that batch, so
+//! the files hold at least what the head says; open cuts what lies past it. On start the fleet
+//! state is loaded from its records, not replayed. Applied state is not fsynced per batch (the
+//! Raft log already is); building a snapshot syncs it and the journal first, because the log
+//! may be purged behind a snapshot.
 
 use std::io::{BufReader, BufWriter, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -19,15 +21,20 @@ use crate::durable::{decode, encode, Durable, StoreError};
 use crate::event::Event;
 use crate::fleet::{FleetState, Image, Machine, Policy, Touched};
 use crate::journal::{self, JournalHead, JournalRecord};
+use crate::journal_store::{self as segments, JournalStore, Position};
 use crate::keys::StateKey;
 use crate::snapshot::{Frame, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use crate::types::{
     Applied, Entry, Events, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-/// Version of the fleet records' encoding. The journal's encoding never changes, so records of
-/// an older version are rebuilt by folding the journal ([`rebuild_records`]).
-const FORMAT: u32 = 4;
+/// Version of the fleet records' encoding and of where the journal lives. The journal's
+/// records never change, so fleet records of an older version are rebuilt by folding the
+/// journal ([`rebuild_records`]); before 5 the journal was kept in sled, and is moved to its
+/// segment files ([`move_journal_to_segments`]).
+const FORMAT: u32 = 5;
+/// The first format that keeps the journal in segment files.
+const FORMAT_SEGMENTS: u32 = 5;
 
 /// What the state machine has applied, as one consistent view.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +48,7 @@ pub struct Live {
 struct Shared {
     tree: sled::Tree,
     durable: Arc<Durable>,
+    journal: JournalStore,
     snapshot_dir: PathBuf,
     live: RwLock<Live>,
     applied: watch::Sender<JournalHead>,
@@ -153,9 +161,10 @@ fn index_event(batch: &mut sled::Batch, index: u64, event: &Event) {
 fn apply_event(
     live: &mut Live,
     batch: &mut sled::Batch,
+    journal: &JournalStore,
     log_index: u64,
     bytes: Vec<u8>,
-) -> Applied {
+) -> Result<Applied, StoreError> {
     let next = live.journal.index + 1;
     let outcome = Event::decode(&bytes)
         .map_err(|e| e.to_string())
@@ -165,7 +174,7 @@ fn apply_event(
             Ok(touched)
         });
     let touched = match outcome {
-        Err(reason) => return Applied::Refused(reason),
+        Err(reason) => return Ok(Applied::Refused(reason)),
         Ok(touched) => touched,
     };
     for t in &touched {
@@ -175,18 +184,105 @@ fn apply_event(
         }
     }
     let head = live.journal.next(&bytes);
-    let rec = JournalRecord {
-        log_index,
-        hash: head.hash,
-        event: bytes,
-    };
-    batch.insert(StateKey::Journal(head.index).encode(), encode(&rec));
+    append_record(journal, batch, head.index, log_index, &head.hash, &bytes)?;
     live.journal = head;
-    Applied::Event(head)
+    Ok(Applied::Event(head))
+}
+
+/// Appends a record to the journal's files, keeping its position in `batch` when it starts a
+/// block.
+fn append_record(
+    journal: &JournalStore,
+    batch: &mut sled::Batch,
+    index: u64,
+    log_index: u64,
+    hash: &crate::event::Hash,
+    event: &[u8],
+) -> Result<(), StoreError> {
+    if let Some(position) = journal.append(index, log_index, hash, event)? {
+        batch.insert(
+            StateKey::JournalBlock(segments::block_of(index)).encode(),
+            encode(&position),
+        );
+    }
+    Ok(())
+}
+
+/// Where a read from journal record `index` can start: the kept position of its block.
+fn read_hint(tree: &sled::Tree, index: u64) -> Result<Option<(u64, Position)>, StoreError> {
+    let block = segments::block_of(index);
+    Ok(get::<Position>(tree, StateKey::JournalBlock(block))?
+        .map(|position| (block * segments::BLOCK + 1, position)))
+}
+
+/// Journal records `from..=to` from the segment files; `to` must not pass the head.
+fn read_journal(
+    tree: &sled::Tree,
+    journal: &JournalStore,
+    from: u64,
+    to: u64,
+) -> Result<segments::Records, StoreError> {
+    Ok(journal.read(from, to, read_hint(tree, from.max(1))?))
+}
+
+/// Moves the journal of a format-4 (or older) tree from its sled keys to segment files, with
+/// the position keys that reads start from. The old keys go only after the format says the
+/// files hold the journal ([`remove_sled_journal`]); a crash before that redoes the move.
+fn move_journal_to_segments(tree: &sled::Tree, journal: &JournalStore) -> Result<(), StoreError> {
+    journal.truncate_after(0)?;
+    let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
+    let mut batch = sled::Batch::default();
+    let mut chain = JournalHead::default();
+    let range =
+        StateKey::Journal(1).encode()..StateKey::Journal(head.index.saturating_add(1)).encode();
+    for item in tree.range(range) {
+        let (key, value) = item?;
+        let index = StateKey::journal_index(&key)
+            .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
+        let record: JournalRecord = decode("journal record", &value)?;
+        chain = journal::verify(chain, [(index, &record)])
+            .map_err(|e| StoreError::corrupt("journal", e))?;
+        append_record(
+            journal,
+            &mut batch,
+            index,
+            record.log_index,
+            &record.hash,
+            &record.event,
+        )?;
+    }
+    if chain != head {
+        return Err(StoreError::corrupt(
+            "journal",
+            format!(
+                "records end at {} but the head is {}",
+                chain.index, head.index
+            ),
+        ));
+    }
+    journal.sync()?;
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+/// Removes journal records left in sled by formats before 5, in bounded batches.
+fn remove_sled_journal(tree: &sled::Tree) -> Result<(), StoreError> {
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for item in tree.scan_prefix([StateKey::JOURNAL]).take(16_384) {
+            batch.remove(item?.0);
+            any = true;
+        }
+        if !any {
+            return Ok(());
+        }
+        tree.apply_batch(batch)?;
+    }
 }
 
 /// Replaces the fleet records and the audit index with what the journal says, in one batch.
-fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
+fn rebuild_records(tree: &sled::Tree, journal: &JournalStore) -> Result<(), StoreError> {
     let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
     let mut state = FleetState::default();
     let mut batch = sled::Batch::default();
@@ -201,13 +297,8 @@ fn rebuild_records(tree: &sled::Tree) -> Result<(), StoreError> {
             batch.remove(item?.0);
         }
     }
-    let range =
-        StateKey::Journal(1).encode()..StateKey::Journal(head.index.saturating_add(1)).encode();
-    for item in tree.range(range) {
-        let (key, value) = item?;
-        let index = StateKey::journal_index(&key)
-            .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
-        let record: JournalRecord = decode("journal record", &value)?;
+    for item in read_journal(tree, journal, 1, head.index)? {
+        let (index, record) = item?;
         let event = Event::decode(&record.event)
             .map_err(|e| StoreError::corrupt(format!("journal record {index}"), e))?;
         state
@@ -235,19 +326,29 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 impl StateMachineStore {
     pub fn open(
         durable: Arc<Durable>,
+        journal_dir: &Path,
         snapshot_dir: PathBuf,
     ) -> Result<StateMachineStore, StoreError> {
         let tree = durable.db.open_tree("state")?;
+        let journal = JournalStore::open(journal_dir)?;
         match get::<u32>(&tree, StateKey::Format)? {
             Some(FORMAT) => {}
             Some(found) if found < FORMAT => {
-                tracing::info!(
-                    from = found,
-                    to = FORMAT,
-                    "rebuilding fleet records from the journal"
-                );
-                rebuild_records(&tree)?;
+                if found < FORMAT_SEGMENTS {
+                    tracing::info!("moving the journal from sled to segment files");
+                    move_journal_to_segments(&tree, &journal)?;
+                }
+                if found < 4 {
+                    tracing::info!(
+                        from = found,
+                        to = FORMAT,
+                        "rebuilding fleet records from the journal"
+                    );
+                    rebuild_records(&tree, &journal)?;
+                }
                 tree.insert(StateKey::Format.encode(), encode(&FORMAT))?;
+                durable.sync()?;
+                remove_sled_journal(&tree)?;
                 durable.sync()?;
             }
             Some(found) => {
@@ -266,10 +367,12 @@ impl StateMachineStore {
         let shared = Arc::new(Shared {
             tree,
             durable,
+            journal,
             snapshot_dir,
             live: RwLock::new(live),
             applied,
         });
+        shared.reconcile_journal()?;
         Ok(StateMachineStore { shared })
     }
 
@@ -283,6 +386,79 @@ impl StateMachineStore {
 impl Shared {
     fn live(&self) -> RwLockReadGuard<'_, Live> {
         self.live.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the journal's files and sled's journal head into agreement at open. Records past
+    /// the head (written just before a crash, their batch lost) are cut: Raft applies them
+    /// again. Records missing below the head (a power loss wrote sled's pages back before the
+    /// files') cannot be cut back to: the state falls back to the current snapshot, which
+    /// carries the whole journal to its point (or to empty, if none was ever taken, when the
+    /// Raft log still holds everything), and Raft applies the rest again from its log, which
+    /// is purged only behind a snapshot.
+    fn reconcile_journal(&self) -> Result<(), StoreError> {
+        let head = self.live().journal;
+        let end = self.journal.end();
+        if end >= head.index {
+            if head.index > 0 {
+                let at_head = read_journal(&self.tree, &self.journal, head.index, head.index)?
+                    .next()
+                    .transpose()?;
+                if at_head.map(|(_, r)| r.hash) != Some(head.hash) {
+                    return Err(StoreError::corrupt(
+                        format!("journal record {}", head.index),
+                        "its hash is not the journal head's",
+                    ));
+                }
+            }
+            if end > head.index {
+                tracing::info!(
+                    from = head.index + 1,
+                    to = end,
+                    "cutting journal records past the applied head"
+                );
+                self.journal.truncate_after(head.index)?;
+            }
+            return Ok(());
+        }
+        tracing::warn!(
+            journal_ends = end,
+            head = head.index,
+            "the journal's files lost records below the applied head; going back to the current snapshot"
+        );
+        match get::<(SnapshotMeta, PathBuf)>(&self.tree, StateKey::CurrentSnapshot)? {
+            Some((meta, path)) => {
+                let file = std::fs::File::open(&path).map_err(StoreError::io(&path))?;
+                self.install_snapshot(&meta, file)
+            }
+            None => self.reset(),
+        }
+    }
+
+    /// Back to the empty state at no applied log id, for Raft to apply its whole log again.
+    fn reset(&self) -> Result<(), StoreError> {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        for prefix in [
+            StateKey::MACHINE,
+            StateKey::IMAGE,
+            StateKey::MACHINE_EVENT,
+            StateKey::IMAGE_EVENT,
+            StateKey::JOURNAL_BLOCK,
+        ] {
+            for item in self.tree.scan_prefix([prefix]) {
+                batch.remove(item?.0);
+            }
+        }
+        *live = Live::default();
+        batch.insert(StateKey::Policy.encode(), encode(live.state.policy()));
+        batch.insert(StateKey::LastApplied.encode(), encode(&live.last_applied));
+        batch.insert(StateKey::LastMembership.encode(), encode(&live.membership));
+        batch.insert(StateKey::JournalHead.encode(), encode(&live.journal));
+        self.journal.truncate_after(0)?;
+        self.tree.apply_batch(batch)?;
+        self.durable.sync()?;
+        self.applied.send_replace(live.journal);
+        Ok(())
     }
 
     fn apply(
@@ -305,12 +481,16 @@ impl Shared {
                 }
                 EntryPayload::Normal(Events(events)) => events
                     .into_iter()
-                    .map(|event| apply_event(&mut live, &mut batch, log_id.index, event))
-                    .collect(),
+                    .map(|event| {
+                        apply_event(&mut live, &mut batch, &self.journal, log_id.index, event)
+                    })
+                    .collect::<Result<_, _>>()?,
             };
             results.push(result);
         }
         if applied_any {
+            // Records reach the files before the batch that moves the head to them.
+            self.journal.flush()?;
             batch.insert(StateKey::LastApplied.encode(), encode(&live.last_applied));
             batch.insert(StateKey::LastMembership.encode(), encode(&live.membership));
             batch.insert(StateKey::JournalHead.encode(), encode(&live.journal));
@@ -332,7 +512,8 @@ impl Shared {
             (header, all_records(&live.state))
         };
         // The log may be purged up to this snapshot once we return: the applied state it
-        // replaces must be on disk first.
+        // replaces, and the journal it folds, must be on disk first.
+        self.journal.sync()?;
         self.durable.sync()?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -354,17 +535,11 @@ impl Shared {
             writer.state(key, value).map_err(StoreError::io(&tmp))?;
         }
         // Records up to the captured head never change, so they can be read while apply goes on.
-        let range =
-            StateKey::Journal(1).encode()..=StateKey::Journal(header.journal.index).encode();
-        if header.journal.index > 0 {
-            for item in self.tree.range(range) {
-                let (key, value) = item?;
-                let index = StateKey::journal_index(&key)
-                    .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
-                writer
-                    .journal(index, &value)
-                    .map_err(StoreError::io(&tmp))?;
-            }
+        for item in read_journal(&self.tree, &self.journal, 1, header.journal.index)? {
+            let (index, record) = item?;
+            writer
+                .journal(index, &encode(&record))
+                .map_err(StoreError::io(&tmp))?;
         }
         let file = writer.finish().map_err(StoreError::io(&tmp))?;
         let file = file.into_inner().map_err(|e| StoreError::Io {
@@ -421,6 +596,9 @@ impl Shared {
             )));
         }
         let local_head = self.live().journal;
+        // Our own records are compared with the snapshot's as they come, in one pass.
+        let mut local_end = self.journal.end();
+        let mut local = read_journal(&self.tree, &self.journal, 1, local_end)?;
         let mut state_batch = sled::Batch::default();
         let mut snapshot_keys = std::collections::HashSet::new();
         let mut machines = Vec::new();
@@ -461,17 +639,34 @@ impl Shared {
                             StoreError::Snapshot(format!("journal record {index}: {e}"))
                         })?;
                         index_event(&mut journal_batch, index, &event);
+                        pending += 1;
                     }
-                    // Records above our head are invisible until the final batch moves the
-                    // head, so they can be written in bounded chunks.
-                    if index > local_head.index
-                        || self.tree.get(StateKey::Journal(index).encode())?.as_deref()
-                            != Some(&value)
-                    {
-                        journal_batch.insert(StateKey::Journal(index).encode(), value);
+                    let ours = if index <= local_end {
+                        local.next().and_then(|r| r.ok())
+                    } else {
+                        None
+                    };
+                    if !matches!(&ours, Some((i, r)) if *i == index && *r == record) {
+                        if index <= local_end {
+                            // Ours was damaged: the snapshot's is the committed history.
+                            tracing::warn!(index, "replacing journal records from the snapshot's");
+                            self.journal.truncate_after(index - 1)?;
+                            local_end = index - 1;
+                        }
+                        // Records past our head are invisible until the final batch moves the
+                        // head, so they can be written in bounded chunks.
+                        append_record(
+                            &self.journal,
+                            &mut journal_batch,
+                            index,
+                            record.log_index,
+                            &record.hash,
+                            &record.event,
+                        )?;
                         pending += 1;
                     }
                     if pending >= 4096 {
+                        self.journal.flush()?;
                         self.tree.apply_batch(std::mem::take(&mut journal_batch))?;
                         pending = 0;
                     }
@@ -484,6 +679,11 @@ impl Shared {
                 header.journal
             )));
         }
+        drop(local);
+        // Records past the snapshot's head were applied here but are not history the snapshot
+        // knows; Raft applies them again if they are committed.
+        self.journal.truncate_after(head.index)?;
+        self.journal.sync()?;
         self.tree.apply_batch(journal_batch)?;
         let Tee { copy, .. } = reader.into_inner();
         let copy = copy.into_inner().map_err(|e| StoreError::Io {
@@ -502,11 +702,6 @@ impl Shared {
                     state_batch.remove(key);
                 }
             }
-        }
-        let stale_journal = StateKey::Journal(head.index.saturating_add(1)).encode()
-            ..=StateKey::Journal(u64::MAX).encode();
-        for item in self.tree.range(stale_journal) {
-            state_batch.remove(item?.0);
         }
         state_batch.insert(StateKey::Policy.encode(), encode(&policy));
         state_batch.insert(StateKey::LastApplied.encode(), encode(&header.last_applied));
@@ -676,18 +871,13 @@ impl FleetView {
         from: u64,
         to: u64,
     ) -> impl Iterator<Item = Result<(u64, JournalRecord), StoreError>> + '_ {
-        let start = from.max(1);
-        let end = to
-            .min(self.journal_head().index)
-            .saturating_add(1)
-            .max(start);
-        let range = StateKey::Journal(start).encode()..StateKey::Journal(end).encode();
-        self.shared.tree.range(range).map(|item| {
-            let (key, value) = item?;
-            let index = StateKey::journal_index(&key)
-                .ok_or_else(|| StoreError::corrupt("journal key", "bad"))?;
-            Ok((index, decode("journal record", &value)?))
-        })
+        let to = to.min(self.journal_head().index);
+        let records = read_journal(&self.shared.tree, &self.shared.journal, from, to);
+        let (records, failed) = match records {
+            Ok(records) => (Some(records), None),
+            Err(e) => (None, Some(Err(e))),
+        };
+        records.into_iter().flatten().chain(failed)
     }
 
     pub fn size_on_disk(&self) -> u64 {
@@ -720,10 +910,13 @@ impl FleetView {
 
     /// One journal record.
     pub fn journal_record(&self, index: u64) -> Result<Option<JournalRecord>, StoreError> {
-        self.shared
-            .tree
-            .get(StateKey::Journal(index).encode())?
-            .map(|v| decode("journal record", &v))
-            .transpose()
+        if index == 0 {
+            return Ok(None);
+        }
+        Ok(self
+            .journal(index, index)
+            .next()
+            .transpose()?
+            .map(|(_, r)| r))
     }
 }

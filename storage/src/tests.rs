@@ -9,6 +9,7 @@ use openraft::{CommittedLeaderId, EntryPayload, Membership};
 use tempfile::TempDir;
 
 use crate::event::{Change, Event};
+use crate::journal::JournalRecord;
 use crate::log_store::LogStore;
 use crate::state_machine::StateMachineStore;
 use crate::types::{Applied, Entry, Events, LogId, StorageError, TypeConfig, Vote};
@@ -300,11 +301,33 @@ fn apply_survives_arbitrary_bytes_and_mutated_events() {
     });
 }
 
+/// Rewrites a data dir as builds before format 5 left it: the journal as sled keys, no
+/// segment files, and the given format.
+fn make_sled_journal(dir: &std::path::Path, records: &[(u64, JournalRecord)], format: u32) {
+    use crate::keys::StateKey;
+    std::fs::remove_dir_all(dir.join("journal")).unwrap();
+    let db = raw_sled(dir);
+    let tree = db.open_tree("state").unwrap();
+    for item in tree.scan_prefix([StateKey::JOURNAL_BLOCK]) {
+        tree.remove(item.unwrap().0).unwrap();
+    }
+    for (index, record) in records {
+        tree.insert(
+            StateKey::Journal(*index).encode(),
+            crate::durable::encode(record),
+        )
+        .unwrap();
+    }
+    tree.insert(StateKey::Format.encode(), crate::durable::encode(&format))
+        .unwrap();
+    db.flush().unwrap();
+}
+
 #[test]
 fn records_of_an_older_format_are_rebuilt_from_the_journal() {
     runtime().block_on(async {
         let dir = TempDir::new().unwrap();
-        let expected = {
+        let (expected, records) = {
             let (_log, mut sm) = crate::open(dir.path()).unwrap();
             sm.apply(vec![
                 event_entry(1, machine("web-01")),
@@ -312,24 +335,166 @@ fn records_of_an_older_format_are_rebuilt_from_the_journal() {
             ])
             .await
             .unwrap();
-            sm.view().read(|l| l.state.clone())
+            let view = sm.view();
+            let records: Vec<_> = view.journal(1, u64::MAX).map(|r| r.unwrap()).collect();
+            (view.read(|l| l.state.clone()), records)
         };
-        {
-            // Make the records look old and wrong: only the journal is trusted.
-            let db = raw_sled(dir.path());
-            let tree = db.open_tree("state").unwrap();
-            tree.insert(
-                crate::keys::StateKey::Format.encode(),
-                crate::durable::encode(&1u32),
-            )
+        // Make the records look old and wrong: only the journal is trusted.
+        make_sled_journal(dir.path(), &records, 1);
+        raw_sled(dir.path())
+            .open_tree("state")
+            .unwrap()
+            .remove(crate::keys::StateKey::Machine("web-02".into()).encode())
             .unwrap();
-            tree.remove(crate::keys::StateKey::Machine("web-02".into()).encode())
-                .unwrap();
-            db.flush().unwrap();
-        }
         let (_log, sm) = reopen(dir.path()).unwrap();
         assert_eq!(sm.view().read(|l| l.state.clone()), expected);
         assert_eq!(sm.view().indexed(true, "web-02").unwrap(), vec![2]);
+        let moved: Vec<_> = sm.view().journal(1, u64::MAX).map(|r| r.unwrap()).collect();
+        assert_eq!(moved, records);
+    });
+}
+
+#[test]
+fn a_journal_kept_in_sled_moves_to_segment_files_once() {
+    use crate::keys::StateKey;
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let records = {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            let entries: Vec<_> = (1..=3000)
+                .map(|i| event_entry(i, machine(&format!("web-{i:04}"))))
+                .collect();
+            sm.apply(entries).await.unwrap();
+            let view = sm.view();
+            let records: Vec<_> = view.journal(1, u64::MAX).map(|r| r.unwrap()).collect();
+            records
+        };
+        make_sled_journal(dir.path(), &records, 4);
+        {
+            let (_log, sm) = reopen(dir.path()).unwrap();
+            let view = sm.view();
+            assert_eq!(view.journal_head().index, 3000);
+            let moved: Vec<_> = view.journal(1, u64::MAX).map(|r| r.unwrap()).collect();
+            assert_eq!(moved, records);
+            assert_eq!(
+                view.journal(1500, 1502)
+                    .map(|r| r.unwrap().0)
+                    .collect::<Vec<_>>(),
+                vec![1500, 1501, 1502]
+            );
+            assert_eq!(
+                view.journal_record(2049).unwrap(),
+                Some(records[2048].1.clone())
+            );
+        }
+        let db = raw_sled(dir.path());
+        let tree = db.open_tree("state").unwrap();
+        assert_eq!(tree.scan_prefix([StateKey::JOURNAL]).count(), 0);
+        assert_eq!(tree.scan_prefix([StateKey::JOURNAL_BLOCK]).count(), 3);
+    });
+}
+
+#[test]
+fn journal_records_past_the_applied_head_are_cut_at_open() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let head = {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(vec![event_entry(1, machine("web-01"))])
+                .await
+                .unwrap();
+            sm.view().journal_head()
+        };
+        {
+            // As a crash between writing a batch's records and its sled batch leaves them.
+            let store =
+                crate::journal_store::JournalStore::open(&dir.path().join("journal")).unwrap();
+            let event = event_bytes(2, machine("web-02"));
+            let next = head.next(&event);
+            store.append(2, 2, &next.hash, &event).unwrap();
+            store.flush().unwrap();
+        }
+        let (_log, mut sm) = reopen(dir.path()).unwrap();
+        assert_eq!(sm.view().journal_head(), head);
+        assert_eq!(sm.view().journal(1, u64::MAX).count(), 1);
+        // Raft applies the entry again, and it is journaled once.
+        sm.apply(vec![event_entry(2, machine("web-02"))])
+            .await
+            .unwrap();
+        let records: Vec<_> = sm.view().journal(1, u64::MAX).map(|r| r.unwrap()).collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            crate::journal::verify(Default::default(), records.iter().map(|(i, r)| (*i, r))),
+            Ok(sm.view().journal_head())
+        );
+    });
+}
+
+#[test]
+fn journal_files_behind_the_applied_head_fall_back_to_the_snapshot_or_to_empty() {
+    runtime().block_on(async {
+        // No snapshot: back to empty, for Raft to apply its whole log again.
+        let dir = TempDir::new().unwrap();
+        {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(vec![
+                event_entry(1, machine("web-01")),
+                event_entry(2, machine("web-02")),
+            ])
+            .await
+            .unwrap();
+        }
+        crate::journal_store::JournalStore::open(&dir.path().join("journal"))
+            .unwrap()
+            .truncate_after(1)
+            .unwrap();
+        let (_log, mut sm) = reopen(dir.path()).unwrap();
+        assert_eq!(sm.applied_state().await.unwrap().0, None);
+        assert_eq!(sm.view().journal_head().index, 0);
+        assert_eq!(sm.view().read(|l| l.state.machines().count()), 0);
+        assert!(sm.view().indexed(true, "web-01").unwrap().is_empty());
+        sm.apply(vec![
+            event_entry(1, machine("web-01")),
+            event_entry(2, machine("web-02")),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(sm.view().journal_head().index, 2);
+        drop((sm, _log));
+
+        // With a snapshot: back to it, with the journal it carries.
+        let dir = TempDir::new().unwrap();
+        let at_snapshot = {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(vec![
+                event_entry(1, machine("web-01")),
+                event_entry(2, machine("web-02")),
+            ])
+            .await
+            .unwrap();
+            sm.build_snapshot().await.unwrap();
+            let at_snapshot = (
+                sm.view().journal_head(),
+                sm.view().read(|l| l.state.clone()),
+            );
+            sm.apply(vec![event_entry(3, machine("web-03"))])
+                .await
+                .unwrap();
+            at_snapshot
+        };
+        crate::journal_store::JournalStore::open(&dir.path().join("journal"))
+            .unwrap()
+            .truncate_after(0)
+            .unwrap();
+        let (_log, mut sm) = reopen(dir.path()).unwrap();
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)));
+        assert_eq!(sm.view().journal_head(), at_snapshot.0);
+        assert_eq!(sm.view().read(|l| l.state.clone()), at_snapshot.1);
+        assert_eq!(sm.view().journal(1, u64::MAX).count(), 2);
+        sm.apply(vec![event_entry(3, machine("web-03"))])
+            .await
+            .unwrap();
+        assert_eq!(sm.view().journal_head().index, 3);
     });
 }
 
