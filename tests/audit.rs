@@ -201,6 +201,20 @@ fn verify_passes_a_healthy_cluster_and_finds_an_altered_record_in_a_copy() {
         copy.path().to_str().unwrap(),
     ]);
     assert_eq!(clean["ok"], true, "{clean}");
+    // Replay reads a stopped replica's journal files in place.
+    let data_dir = cluster.replicas[&id].data_dir.clone();
+    for (at, machines) in [("6", 6), ("2", 2)] {
+        let replayed = cluster.domadm_json(&[
+            "audit",
+            "replay",
+            "--at",
+            at,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ]);
+        assert_eq!(replayed["index"], at.parse::<u64>().unwrap(), "{replayed}");
+        assert_eq!(replayed["machines"].as_array().unwrap().len(), machines);
+    }
     {
         // Record 4's event follows its hash in the segment file; change a byte of it.
         let journal = copy.path().join("journal");
