@@ -389,6 +389,17 @@ impl JournalStore {
         Ok(())
     }
 
+    /// Bytes of every segment, appended records included.
+    pub fn size_on_disk(&self) -> u64 {
+        let w = self.writer();
+        let closed: u64 = w.segments[..w.segments.len().saturating_sub(1)]
+            .iter()
+            .filter_map(|first| std::fs::metadata(segment_path(&self.dir, *first)).ok())
+            .map(|m| m.len())
+            .sum();
+        closed + if w.segments.is_empty() { 0 } else { w.len }
+    }
+
     /// Records `from..=to`, in order, starting the read at `hint` (a kept position of a record
     /// at or before `from`) when there is one. Only records handed to the OS are read: the
     /// caller bounds `to` by what it has flushed.

@@ -880,8 +880,9 @@ impl FleetView {
         records.into_iter().flatten().chain(failed)
     }
 
+    /// Bytes of sled and the journal's files, for status pages and size regressions.
     pub fn size_on_disk(&self) -> u64 {
-        self.shared.durable.size_on_disk()
+        self.shared.durable.size_on_disk() + self.shared.journal.size_on_disk()
     }
 
     /// Journal indexes of the records that name a machine (`by_machine`) or an image, from the
