@@ -144,9 +144,18 @@ fn scan_segment(path: &Path) -> Result<(u64, u64), StoreError> {
                 valid += (4 + BODY_HEAD + record.event.len()) as u64;
             }
             Ok(None) => return Ok((records, valid)),
-            // A frame cut short is the tail of a write a crash interrupted: what is before it
-            // is whole, and the torn bytes are cut by the caller.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((records, valid)),
+            // A frame cut short, or a length that cannot be (zeros where a power loss kept the
+            // file's size but not its last pages), is the tail of a write that did not
+            // finish: what is before it is whole, and the rest is cut by the caller. (Records
+            // the head needs are then missing, and the state machine recovers them.)
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
+                ) =>
+            {
+                return Ok((records, valid))
+            }
             Err(e) => return Err(StoreError::io(path)(e)),
         }
     }
@@ -673,6 +682,22 @@ mod tests {
         store.append(1, 1, &next.hash, b"again").unwrap();
         store.flush().unwrap();
         assert_eq!(indexes(store.read(1, 1, None)), vec![1]);
+    }
+
+    #[test]
+    fn zeros_at_the_tail_are_cut_like_a_torn_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = JournalStore::open(dir.path()).unwrap();
+            append_n(&store, &mut JournalHead::default(), 3);
+        }
+        let segment = segment_path(dir.path(), 1);
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        file.write_all(&[0; 4096]).unwrap();
+        drop(file);
+        let store = JournalStore::open(dir.path()).unwrap();
+        assert_eq!(store.end(), 3);
+        assert_eq!(indexes(store.read(1, 3, None)), vec![1, 2, 3]);
     }
 
     #[test]

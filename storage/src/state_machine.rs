@@ -398,28 +398,19 @@ impl Shared {
     fn reconcile_journal(&self) -> Result<(), StoreError> {
         let head = self.live().journal;
         let end = self.journal.end();
-        if end >= head.index {
-            if head.index > 0 {
-                let at_head = read_journal(&self.tree, &self.journal, head.index, head.index)?
-                    .next()
-                    .transpose()?;
-                if at_head.map(|(_, r)| r.hash) != Some(head.hash) {
-                    return Err(StoreError::corrupt(
-                        format!("journal record {}", head.index),
-                        "its hash is not the journal head's",
-                    ));
-                }
-            }
-            if end > head.index {
-                tracing::info!(
-                    from = head.index + 1,
-                    to = end,
-                    "cutting journal records past the applied head"
-                );
-                self.journal.truncate_after(head.index)?;
-            }
+        if end > head.index {
+            tracing::info!(
+                from = head.index + 1,
+                to = end,
+                "cutting journal records past the applied head"
+            );
+            self.journal.truncate_after(head.index)?;
+        }
+        if end >= head.index && self.head_record_is_whole(head)? {
             return Ok(());
         }
+        // A snapshot install compares every record with the snapshot's, so a damaged one at
+        // the head is replaced like a missing one.
         tracing::warn!(
             journal_ends = end,
             head = head.index,
@@ -432,6 +423,28 @@ impl Shared {
             }
             None => self.reset(),
         }
+    }
+
+    /// Whether the record at the head is there and chains from the one before it: the last
+    /// bytes written are the ones a power loss damages.
+    fn head_record_is_whole(&self, head: JournalHead) -> Result<bool, StoreError> {
+        if head.index == 0 {
+            return Ok(true);
+        }
+        let from = head.index.saturating_sub(1).max(1);
+        let records: Vec<_> = read_journal(&self.tree, &self.journal, from, head.index)?
+            .collect::<Result<_, _>>()
+            .unwrap_or_default();
+        let prev = match records.as_slice() {
+            [(_, prev), _] => prev.hash,
+            [_] if head.index == 1 => journal::GENESIS,
+            _ => return Ok(false),
+        };
+        let Some((_, at_head)) = records.last() else {
+            return Ok(false);
+        };
+        Ok(at_head.hash == head.hash
+            && journal::chain(&prev, head.index, &at_head.event) == head.hash)
     }
 
     /// Back to the empty state at no applied log id, for Raft to apply its whole log again.

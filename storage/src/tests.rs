@@ -495,6 +495,29 @@ fn journal_files_behind_the_applied_head_fall_back_to_the_snapshot_or_to_empty()
             .await
             .unwrap();
         assert_eq!(sm.view().journal_head().index, 3);
+        drop((sm, _log));
+
+        // A damaged record at the head is as good as a missing one.
+        let dir = TempDir::new().unwrap();
+        let last_event = event_bytes(2, machine("web-02"));
+        {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(vec![
+                event_entry(1, machine("web-01")),
+                event_entry(2, machine("web-02")),
+            ])
+            .await
+            .unwrap();
+        }
+        let segment = dir.path().join("journal").join(format!("{:020}.seg", 1));
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let at = bytes.len() - last_event.len();
+        assert_eq!(&bytes[at..], &last_event[..]);
+        bytes[at + last_event.len() / 2] ^= 0x55;
+        std::fs::write(&segment, bytes).unwrap();
+        let (_log, mut sm) = reopen(dir.path()).unwrap();
+        assert_eq!(sm.applied_state().await.unwrap().0, None);
+        assert_eq!(sm.view().journal_head().index, 0);
     });
 }
 
