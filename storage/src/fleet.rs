@@ -173,20 +173,30 @@ pub struct FleetState {
 }
 
 fn canonical_host(name: &str) -> Result<(), Rejection> {
-    let canonical = names::canonical_hostname(name)?;
+    let canonical = names::canonical_hostname_cow(name)?;
     if canonical != name {
-        return Err(Rejection::NotCanonical(name.to_owned(), canonical));
+        return Err(Rejection::NotCanonical(
+            name.to_owned(),
+            canonical.into_owned(),
+        ));
     }
     Ok(())
 }
 
 fn canonical_image(name: &str) -> Result<(), Rejection> {
-    let canonical = names::canonical_image_name(name)?;
+    let canonical = names::canonical_image_name_ref(name)?;
     if canonical != name {
-        return Err(Rejection::NotCanonical(name.to_owned(), canonical));
+        return Err(Rejection::NotCanonical(
+            name.to_owned(),
+            canonical.to_owned(),
+        ));
     }
     Ok(())
 }
+
+/// Lists longer than this are checked for a name given twice through a set; shorter ones (a
+/// single machine, nearly always) by comparing with the names before, which allocates nothing.
+const DUPLICATES_BY_SET: usize = 16;
 
 impl Change {
     /// Whether this kind of change may stand inside a batch.
@@ -317,9 +327,14 @@ impl FleetState {
             return Err(Rejection::NoMachines);
         }
         let mut seen = BTreeSet::new();
-        for hostname in hostnames {
+        for (i, hostname) in hostnames.iter().enumerate() {
             self.known_machine(hostname)?;
-            if !seen.insert(hostname) {
+            let twice = if hostnames.len() > DUPLICATES_BY_SET {
+                !seen.insert(hostname)
+            } else {
+                hostnames[..i].contains(hostname)
+            };
+            if twice {
                 return Err(Rejection::DuplicateMachine(hostname.clone()));
             }
         }
@@ -754,6 +769,34 @@ mod tests {
             },
             Rejection::DuplicateMachine("web-01".into()),
         );
+    }
+
+    #[test]
+    fn a_machine_named_twice_is_refused_in_short_and_long_lists() {
+        let hosts: Vec<String> = (0..40).map(|i| format!("web-{i:02}")).collect();
+        let state = fold(hosts.iter().map(|h| add_machine(h, None)));
+        for len in [2, DUPLICATES_BY_SET - 1, DUPLICATES_BY_SET, 40] {
+            let mut named = hosts[..len].to_vec();
+            named.insert(len - 1, hosts[len / 2].clone());
+            refused(
+                &state,
+                Change::RequiredImageSet {
+                    hostnames: named.clone(),
+                    image: None,
+                },
+                Rejection::DuplicateMachine(hosts[len / 2].clone()),
+            );
+            // An unknown machine before the repeat is what is reported.
+            named.insert(len / 2 + 1, "db-01".into());
+            refused(
+                &state,
+                Change::PlannedImageSet {
+                    hostnames: named,
+                    image: None,
+                },
+                Rejection::UnknownMachine("db-01".into()),
+            );
+        }
     }
 
     #[test]

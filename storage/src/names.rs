@@ -3,6 +3,8 @@
 //! Names are made canonical at the edge (`canonical_*`) and apply only accepts canonical names,
 //! so the log never holds two spellings of one machine or image.
 
+use std::borrow::Cow;
+
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -29,25 +31,37 @@ pub enum NameError {
 
 /// An RFC 1123 hostname, lower-cased.
 pub fn canonical_hostname(name: &str) -> Result<String, NameError> {
-    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    canonical_hostname_cow(name).map(Cow::into_owned)
+}
+
+/// As [`canonical_hostname`], but borrowing `name` when it is already canonical: apply checks
+/// every name of every event it folds, and nearly all of them are.
+pub fn canonical_hostname_cow(name: &str) -> Result<Cow<'_, str>, NameError> {
+    let trimmed = name.trim_end_matches('.');
+    let lower = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(trimmed.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(trimmed)
+    };
     if lower.is_empty() {
         return Err(NameError::EmptyHostname(name.to_owned()));
     }
     if lower.len() > 253 {
         return Err(NameError::HostnameTooLong(name.to_owned()));
     }
-    for label in lower.split('.') {
+    // Split as bytes: '.' is ASCII, so no label is cut inside a character.
+    for label in lower.as_bytes().split(|&b| b == b'.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
+            && label.first() != Some(&b'-')
+            && label.last() != Some(&b'-')
             && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                .iter()
+                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !ok {
             return Err(NameError::BadHostnameLabel {
                 name: name.to_owned(),
-                label: label.to_owned(),
+                label: String::from_utf8_lossy(label).into_owned(),
             });
         }
     }
@@ -56,6 +70,12 @@ pub fn canonical_hostname(name: &str) -> Result<String, NameError> {
 
 /// A Dominator-style image name (`web/2026.11.01`); a leading `/` is dropped.
 pub fn canonical_image_name(name: &str) -> Result<String, NameError> {
+    canonical_image_name_ref(name).map(str::to_owned)
+}
+
+/// As [`canonical_image_name`], borrowing from `name` (canonical form only drops a leading
+/// `/`), so apply's check of every image name it meets allocates nothing.
+pub fn canonical_image_name_ref(name: &str) -> Result<&str, NameError> {
     let trimmed = name.strip_prefix('/').unwrap_or(name);
     if trimmed.is_empty() {
         return Err(NameError::EmptyImageName(name.to_owned()));
@@ -63,21 +83,22 @@ pub fn canonical_image_name(name: &str) -> Result<String, NameError> {
     if trimmed.len() > 255 {
         return Err(NameError::ImageNameTooLong(name.to_owned()));
     }
-    for component in trimmed.split('/') {
+    // Split as bytes: '/' is ASCII, so no component is cut inside a character.
+    for component in trimmed.as_bytes().split(|&b| b == b'/') {
         let ok = !component.is_empty()
-            && component != "."
-            && component != ".."
+            && component != b"."
+            && component != b".."
             && component
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !ok {
             return Err(NameError::BadImageComponent {
                 name: name.to_owned(),
-                component: component.to_owned(),
+                component: String::from_utf8_lossy(component).into_owned(),
             });
         }
     }
-    Ok(trimmed.to_owned())
+    Ok(trimmed)
 }
 
 pub fn check_tag(key: &str, value: &str) -> Result<(), NameError> {
@@ -121,6 +142,36 @@ mod tests {
         ] {
             assert!(canonical_hostname(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn canonical_names_are_borrowed_and_the_rest_refused_alike() {
+        assert!(matches!(
+            canonical_hostname_cow("web-01.dc1"),
+            Ok(Cow::Borrowed("web-01.dc1"))
+        ));
+        assert_eq!(canonical_image_name_ref("/web/1"), Ok("web/1"));
+        assert_eq!(
+            canonical_hostname("a.-b.c"),
+            Err(NameError::BadHostnameLabel {
+                name: "a.-b.c".into(),
+                label: "-b".into()
+            })
+        );
+        assert_eq!(
+            canonical_hostname("Wéb.x"),
+            Err(NameError::BadHostnameLabel {
+                name: "Wéb.x".into(),
+                label: "wéb".into()
+            })
+        );
+        assert_eq!(
+            canonical_image_name("/web/é:1"),
+            Err(NameError::BadImageComponent {
+                name: "/web/é:1".into(),
+                component: "é:1".into()
+            })
+        );
     }
 
     #[test]
