@@ -122,7 +122,7 @@ impl Replay {
             return Ok(false);
         }
         self.state
-            .apply(index, &event)
+            .apply_untracked(index, &event)
             .map_err(|r| ReplayError::Apply {
                 index,
                 reason: r.to_string(),
