@@ -8,6 +8,7 @@
 //!   bounds it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 // Every dom binary links jemalloc, and the fold's figures depend on the allocator (glibc
 // malloc is several times slower freeing on one thread what another allocated).
@@ -18,7 +19,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use dom_storage::durable::Durable;
 use dom_storage::event::{Change, Event};
 use dom_storage::fleet::FleetState;
-use dom_storage::journal::{JournalHead, JournalRecord};
+use dom_storage::journal::JournalHead;
 use dom_storage::replay::{Replay, Until};
 
 fn events(n: usize) -> Vec<Vec<u8>> {
@@ -126,60 +127,9 @@ fn fold(c: &mut Criterion) {
     group.finish();
 }
 
-/// `dom-bench replay`'s journal (`generate_journal`), held in memory: 10 images, a machine
-/// for every 20 events, the rest each setting one machine's required image.
-fn replay_journal(events: u64) -> Vec<(u64, JournalRecord)> {
-    let machines = (events / 20).max(1);
-    let change = |i: u64| -> Change {
-        if i < 10 {
-            return Change::ImageAdded {
-                name: format!("img/{i}"),
-                root_hash: [i as u8; 32],
-                files: 1,
-                bytes: 1,
-                manifest_hash: None,
-                filter: vec![],
-                triggers: vec![],
-            };
-        }
-        let n = i - 10;
-        if n < machines {
-            return Change::MachineAdded {
-                hostname: format!("host-{n:07}"),
-                tags: Default::default(),
-                required_image: Some("img/0".into()),
-                planned_image: None,
-            };
-        }
-        Change::RequiredImageSet {
-            hostnames: vec![format!("host-{:07}", n % machines)],
-            image: Some(format!("img/{}", n % 10)),
-        }
-    };
-    let mut head = JournalHead::default();
-    (0..events)
-        .map(|i| {
-            let event = Event {
-                actor: "bench".into(),
-                time_unix_ms: i as i64,
-                reason: String::new(),
-                change: change(i),
-            }
-            .encode();
-            head = head.next(&event);
-            let record = JournalRecord {
-                log_index: i + 1,
-                hash: head.hash,
-                event,
-            };
-            (head.index, record)
-        })
-        .collect()
-}
-
 fn replay(c: &mut Criterion) {
     const N: u64 = 200_000;
-    let records = replay_journal(N);
+    let records = dom_benches::journal::records(N);
     let mut group = c.benchmark_group("replay_200k_events");
     group.throughput(Throughput::Elements(N));
     group.sample_size(10);
@@ -213,6 +163,44 @@ fn replay(c: &mut Criterion) {
                 records.iter().map(|(i, r)| (*i, r)),
             )
             .expect("intact")
+        })
+    });
+    // The whole replay's source: the journal read back from sled's cache, as `domadm audit
+    // replay` and `dom-bench replay` fold it. Written (through the state machine, some
+    // seconds) only when one of these benches runs.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = std::sync::OnceLock::new();
+    let view = || {
+        let (_log, sm) = store.get_or_init(|| {
+            dom_benches::journal::generate(dir.path(), N);
+            let store = dom_storage::open_when_released(dir.path(), Duration::from_secs(10))
+                .expect("open store");
+            let view = store.1.view();
+            assert_eq!(
+                view.journal(1, u64::MAX).count() as u64,
+                N,
+                "warm the cache"
+            );
+            store
+        });
+        sm.view()
+    };
+    group.bench_function("fold_from_sled_cache", |b| {
+        let view = view();
+        b.iter(|| {
+            let replayed = Replay::new(Until::End)
+                .fold(view.journal(1, u64::MAX))
+                .expect("fold");
+            assert_eq!(replayed.head().index, N);
+            replayed
+        })
+    });
+    group.bench_function("read_from_sled_cache", |b| {
+        let view = view();
+        b.iter(|| {
+            view.journal(1, u64::MAX)
+                .map(|r| r.expect("record").0)
+                .sum::<u64>()
         })
     });
     group.finish();

@@ -87,76 +87,12 @@ enum Bench {
     },
 }
 
-/// Writes a journal of `events` events into a fresh replica data dir, through the state
-/// machine that replicas use: 10 images, a machine for every 20 events, the rest assignments.
-fn generate_journal(dir: &Path, events: u64) {
-    use dom_storage::event::{Change, Event};
-    use dom_storage::types::{Entry, Events};
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        let (_log, mut sm) = dom_storage::open(dir).expect("open store");
-        let machines = (events / 20).max(1);
-        let change = |i: u64| -> Change {
-            if i < 10 {
-                return Change::ImageAdded {
-                    name: format!("img/{i}"),
-                    root_hash: [i as u8; 32],
-                    files: 1,
-                    bytes: 1,
-                    manifest_hash: None,
-                    filter: vec![],
-                    triggers: vec![],
-                };
-            }
-            let n = i - 10;
-            if n < machines {
-                return Change::MachineAdded {
-                    hostname: format!("host-{n:07}"),
-                    tags: Default::default(),
-                    required_image: Some("img/0".into()),
-                    planned_image: None,
-                };
-            }
-            Change::RequiredImageSet {
-                hostnames: vec![format!("host-{:07}", n % machines)],
-                image: Some(format!("img/{}", n % 10)),
-            }
-        };
-        let mut index = 0u64;
-        while index < events {
-            let batch: Vec<Entry> = (index..(index + 10_000).min(events))
-                .map(|i| {
-                    let event = Event {
-                        actor: "bench".into(),
-                        time_unix_ms: i as i64,
-                        reason: String::new(),
-                        change: change(i),
-                    };
-                    Entry {
-                        log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1),
-                        payload: EntryPayload::Normal(Events::one(event.encode())),
-                    }
-                })
-                .collect();
-            index += batch.len() as u64;
-            sm.apply(batch).await.expect("apply");
-        }
-        assert_eq!(
-            sm.view().journal_head().index,
-            events,
-            "every generated event applied"
-        );
-    });
-}
-
 fn replay(events: u64) {
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path().join("replica");
     eprintln!("generating a journal of {events} events");
     let started = Instant::now();
-    generate_journal(&dir, events);
+    dom_benches::journal::generate(&dir, events);
     let generate_s = started.elapsed().as_secs_f64();
 
     // In process, phase by phase, to show where replay's time goes.
