@@ -150,7 +150,7 @@ fn replay(events: u64) {
     assert_eq!(records.len(), indexed.len());
     drop((view, sm, _log));
 
-    // The real command, on the stopped replica's data dir (it replays a private copy).
+    // The real command, on the stopped replica's data dir (it reads the journal files in place).
     let domadm = dom_tests::bin("domadm");
     let started = Instant::now();
     let out = Command::new(domadm)
@@ -171,7 +171,7 @@ fn replay(events: u64) {
         per_sec(fold_s)
     );
     println!(
-        "  domadm audit replay --data-dir (copy+fold): {cli_s:.2} s, {} events/s",
+        "  domadm audit replay --data-dir (read the journal files, verify, fold): {cli_s:.2} s, {} events/s",
         per_sec(cli_s)
     );
     println!("  audit log --machine {host}: audit index {indexed_ms:.2} ms vs journal scan {scan_ms:.0} ms ({} events)", indexed.len());
