@@ -33,6 +33,19 @@ pub struct Machine {
     pub safety_cleared_image: Option<String>,
 }
 
+impl Machine {
+    /// Sets the required (or planned) image, as journal record `index`.
+    fn set_image(&mut self, required: bool, image: &Option<String>, index: u64) {
+        let slot = if required {
+            &mut self.required_image
+        } else {
+            &mut self.planned_image
+        };
+        slot.clone_from(image);
+        self.changed_at = index;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
     pub name: String,
@@ -553,13 +566,7 @@ impl FleetState {
         if let Some(name) = image {
             live_image(&self.images, name)?;
         }
-        let slot = if required {
-            &mut machine.required_image
-        } else {
-            &mut machine.planned_image
-        };
-        slot.clone_from(image);
-        machine.changed_at = index;
+        machine.set_image(required, image, index);
         Ok(())
     }
 
@@ -646,13 +653,7 @@ impl FleetState {
                 let required = matches!(event.change, Change::RequiredImageSet { .. });
                 for hostname in hostnames {
                     if let Some(machine) = self.machines.get_mut(hostname) {
-                        let slot = if required {
-                            &mut machine.required_image
-                        } else {
-                            &mut machine.planned_image
-                        };
-                        slot.clone_from(image);
-                        machine.changed_at = index;
+                        machine.set_image(required, image, index);
                     }
                 }
                 Touch::Machines(hostnames)

@@ -281,22 +281,35 @@ fn remove_sled_journal(tree: &sled::Tree) -> Result<(), StoreError> {
     }
 }
 
+/// The kinds of record that are folded from the journal: the fleet's and the audit index.
+const DERIVED: &[u8] = &[
+    StateKey::MACHINE,
+    StateKey::IMAGE,
+    StateKey::MACHINE_EVENT,
+    StateKey::IMAGE_EVENT,
+];
+
+/// Adds the removal of every record of the kinds `prefixes` to `batch`.
+fn remove_all(
+    tree: &sled::Tree,
+    batch: &mut sled::Batch,
+    prefixes: &[u8],
+) -> Result<(), StoreError> {
+    for prefix in prefixes {
+        for item in tree.scan_prefix([*prefix]) {
+            batch.remove(item?.0);
+        }
+    }
+    Ok(())
+}
+
 /// Replaces the fleet records and the audit index with what the journal says, in one batch.
 fn rebuild_records(tree: &sled::Tree, journal: &JournalStore) -> Result<(), StoreError> {
     let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
     let mut state = FleetState::default();
     let mut batch = sled::Batch::default();
     // Removals first: within a batch the last write to a key wins.
-    for prefix in [
-        StateKey::MACHINE,
-        StateKey::IMAGE,
-        StateKey::MACHINE_EVENT,
-        StateKey::IMAGE_EVENT,
-    ] {
-        for item in tree.scan_prefix([prefix]) {
-            batch.remove(item?.0);
-        }
-    }
+    remove_all(tree, &mut batch, DERIVED)?;
     for item in read_journal(tree, journal, 1, head.index)? {
         let (index, record) = item?;
         let event = Event::decode(&record.event)
@@ -451,17 +464,8 @@ impl Shared {
     fn reset(&self) -> Result<(), StoreError> {
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         let mut batch = sled::Batch::default();
-        for prefix in [
-            StateKey::MACHINE,
-            StateKey::IMAGE,
-            StateKey::MACHINE_EVENT,
-            StateKey::IMAGE_EVENT,
-            StateKey::JOURNAL_BLOCK,
-        ] {
-            for item in self.tree.scan_prefix([prefix]) {
-                batch.remove(item?.0);
-            }
-        }
+        remove_all(&self.tree, &mut batch, DERIVED)?;
+        remove_all(&self.tree, &mut batch, &[StateKey::JOURNAL_BLOCK])?;
         *live = Live::default();
         batch.insert(StateKey::Policy.encode(), encode(live.state.policy()));
         batch.insert(StateKey::LastApplied.encode(), encode(&live.last_applied));
