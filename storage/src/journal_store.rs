@@ -95,18 +95,9 @@ fn frame(log_index: u64, hash: &Hash, event: &[u8], out: &mut Vec<u8>) {
 /// Reads one frame; `Ok(None)` at a clean end of the segment, `Err` with `UnexpectedEof` for
 /// a frame cut short (the torn tail of a crash), `InvalidData` for a length that cannot be.
 fn read_frame(input: &mut impl Read) -> io::Result<Option<JournalRecord>> {
-    let mut len = [0u8; 4];
-    match input.read(&mut len[..1])? {
-        0 => return Ok(None),
-        _ => input.read_exact(&mut len[1..])?,
-    }
-    let body = u32::from_le_bytes(len);
-    if body > MAX_BODY || (body as usize) < BODY_HEAD {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {body} bytes"),
-        ));
-    }
+    let Some(body) = read_body_len(input)? else {
+        return Ok(None);
+    };
     let mut head = [0u8; BODY_HEAD];
     input.read_exact(&mut head)?;
     let mut event = vec![0u8; body as usize - BODY_HEAD];
@@ -121,13 +112,28 @@ fn read_frame(input: &mut impl Read) -> io::Result<Option<JournalRecord>> {
 
 /// Skips one frame; false at a clean end of the segment.
 fn skip_frame(input: &mut BufReader<File>) -> io::Result<bool> {
+    let Some(body) = read_body_len(input)? else {
+        return Ok(false);
+    };
+    input.seek_relative(i64::from(body))?;
+    Ok(true)
+}
+
+/// A frame's body length; `Ok(None)` at a clean end of the segment.
+fn read_body_len(input: &mut impl Read) -> io::Result<Option<u32>> {
     let mut len = [0u8; 4];
     match input.read(&mut len[..1])? {
-        0 => return Ok(false),
+        0 => return Ok(None),
         _ => input.read_exact(&mut len[1..])?,
     }
-    input.seek_relative(i64::from(u32::from_le_bytes(len)))?;
-    Ok(true)
+    let body = u32::from_le_bytes(len);
+    if body > MAX_BODY || (body as usize) < BODY_HEAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {body} bytes"),
+        ));
+    }
+    Ok(Some(body))
 }
 
 /// Scans a segment to its end: the number of whole records and the bytes they end at.

@@ -301,6 +301,16 @@ fn apply_survives_arbitrary_bytes_and_mutated_events() {
     });
 }
 
+/// Applies the first two log entries: `web-01` added, then `web-02`.
+async fn apply_two_machines(sm: &mut StateMachineStore) {
+    sm.apply(vec![
+        event_entry(1, machine("web-01")),
+        event_entry(2, machine("web-02")),
+    ])
+    .await
+    .unwrap();
+}
+
 /// Rewrites a data dir as builds before format 5 left it: the journal as sled keys, no
 /// segment files, and the given format.
 fn make_sled_journal(dir: &std::path::Path, records: &[(u64, JournalRecord)], format: u32) {
@@ -329,12 +339,7 @@ fn records_of_an_older_format_are_rebuilt_from_the_journal() {
         let dir = TempDir::new().unwrap();
         let (expected, records) = {
             let (_log, mut sm) = crate::open(dir.path()).unwrap();
-            sm.apply(vec![
-                event_entry(1, machine("web-01")),
-                event_entry(2, machine("web-02")),
-            ])
-            .await
-            .unwrap();
+            apply_two_machines(&mut sm).await;
             let view = sm.view();
             let records: Vec<_> = view.journal(1, u64::MAX).map(|r| r.unwrap()).collect();
             (view.read(|l| l.state.clone()), records)
@@ -437,12 +442,7 @@ fn journal_files_behind_the_applied_head_fall_back_to_the_snapshot_or_to_empty()
         let dir = TempDir::new().unwrap();
         {
             let (_log, mut sm) = crate::open(dir.path()).unwrap();
-            sm.apply(vec![
-                event_entry(1, machine("web-01")),
-                event_entry(2, machine("web-02")),
-            ])
-            .await
-            .unwrap();
+            apply_two_machines(&mut sm).await;
         }
         crate::journal_store::JournalStore::open(&dir.path().join("journal"))
             .unwrap()
@@ -453,12 +453,7 @@ fn journal_files_behind_the_applied_head_fall_back_to_the_snapshot_or_to_empty()
         assert_eq!(sm.view().journal_head().index, 0);
         assert_eq!(sm.view().read(|l| l.state.machines().count()), 0);
         assert!(sm.view().indexed(true, "web-01").unwrap().is_empty());
-        sm.apply(vec![
-            event_entry(1, machine("web-01")),
-            event_entry(2, machine("web-02")),
-        ])
-        .await
-        .unwrap();
+        apply_two_machines(&mut sm).await;
         assert_eq!(sm.view().journal_head().index, 2);
         drop((sm, _log));
 
@@ -466,12 +461,7 @@ fn journal_files_behind_the_applied_head_fall_back_to_the_snapshot_or_to_empty()
         let dir = TempDir::new().unwrap();
         let at_snapshot = {
             let (_log, mut sm) = crate::open(dir.path()).unwrap();
-            sm.apply(vec![
-                event_entry(1, machine("web-01")),
-                event_entry(2, machine("web-02")),
-            ])
-            .await
-            .unwrap();
+            apply_two_machines(&mut sm).await;
             sm.build_snapshot().await.unwrap();
             let at_snapshot = (
                 sm.view().journal_head(),
@@ -502,12 +492,7 @@ fn journal_files_behind_the_applied_head_fall_back_to_the_snapshot_or_to_empty()
         let last_event = event_bytes(2, machine("web-02"));
         {
             let (_log, mut sm) = crate::open(dir.path()).unwrap();
-            sm.apply(vec![
-                event_entry(1, machine("web-01")),
-                event_entry(2, machine("web-02")),
-            ])
-            .await
-            .unwrap();
+            apply_two_machines(&mut sm).await;
         }
         let segment = dir.path().join("journal").join(format!("{:020}.seg", 1));
         let mut bytes = std::fs::read(&segment).unwrap();
