@@ -50,10 +50,20 @@ pub enum StateKey {
     Journal(u64),
     /// Where block `u64` of the journal starts in its segment files.
     JournalBlock(u64),
-    /// Audit index: the machine was named by journal record `u64`.
+    /// Audit index in formats before 6: the machine was named by journal record `u64`. Now
+    /// read only to remove it.
     MachineEvent(String, u64),
-    /// Audit index: the image was named by journal record `u64`.
+    /// Audit index in formats before 6: the image was named by journal record `u64`.
     ImageEvent(String, u64),
+    /// Audit index: the records of journal block `u64` that name the machine (their positions
+    /// in the block are the value; [`crate::audit_index`]).
+    MachineEvents(String, u64),
+    /// Audit index: the records of journal block `u64` that name the image.
+    ImageEvents(String, u64),
+    /// The journal index that the fleet's records (`Machine`, `Image`, `Policy`) reflect. The
+    /// records are written once per journal block; those of later records are folded from the
+    /// journal at open.
+    RecordsAt,
 }
 
 impl StateKey {
@@ -63,6 +73,8 @@ impl StateKey {
     pub const JOURNAL_BLOCK: u8 = 0x31;
     pub const MACHINE_EVENT: u8 = 0x40;
     pub const IMAGE_EVENT: u8 = 0x41;
+    pub const MACHINE_EVENTS: u8 = 0x42;
+    pub const IMAGE_EVENTS: u8 = 0x43;
 
     pub fn encode(&self) -> Vec<u8> {
         let named = |prefix: u8, name: &str| {
@@ -77,6 +89,7 @@ impl StateKey {
             StateKey::LastMembership => vec![0x03],
             StateKey::CurrentSnapshot => vec![0x04],
             StateKey::JournalHead => vec![0x05],
+            StateKey::RecordsAt => vec![0x06],
             StateKey::Policy => vec![0x10],
             StateKey::Machine(name) => named(Self::MACHINE, name),
             StateKey::Image(name) => named(Self::IMAGE, name),
@@ -86,6 +99,10 @@ impl StateKey {
                 name_index_key(Self::MACHINE_EVENT, name, *index)
             }
             StateKey::ImageEvent(name, index) => name_index_key(Self::IMAGE_EVENT, name, *index),
+            StateKey::MachineEvents(name, block) => {
+                name_index_key(Self::MACHINE_EVENTS, name, *block)
+            }
+            StateKey::ImageEvents(name, block) => name_index_key(Self::IMAGE_EVENTS, name, *block),
         }
     }
 
@@ -101,7 +118,7 @@ impl StateKey {
         key
     }
 
-    /// The journal index at the end of an index key.
+    /// The number (journal index or block) at the end of an index key.
     pub fn indexed(key: &[u8]) -> Option<u64> {
         Some(u64::from_be_bytes(
             key.get(key.len().checked_sub(8)?..)?.try_into().ok()?,

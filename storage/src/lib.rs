@@ -11,6 +11,7 @@
 // openraft's StorageError is large and not ours to shrink.
 #![allow(clippy::result_large_err)]
 
+pub mod audit_index;
 pub mod durable;
 pub mod event;
 pub mod fleet;

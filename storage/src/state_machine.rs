@@ -1,14 +1,21 @@
 //! The state machine in sled: applies committed events to the fleet state and the journal.
 //!
-//! The fleet state's records, the audit index, the journal head and the applied log id live in
-//! one sled tree under [`StateKey`]s, so one batch per `apply` call writes them together: after
-//! a crash the state is exactly what the applied id says, and openraft re-applies from there.
-//! The journal's records go to its segment files ([`JournalStore`]) just before that batch, so
-//! the files hold at least what the head says; open cuts what lies past it. On start the fleet
-//! state is loaded from its records, not replayed. Applied state is not fsynced per batch (the
+//! The journal head and the applied log id live in one sled tree under [`StateKey`]s, written
+//! by one batch per `apply` call: after a crash the state is exactly what the applied id says,
+//! and openraft re-applies from there. The journal's records go to its segment files
+//! ([`JournalStore`]) just before that batch, so the files hold at least what the head says;
+//! open cuts what lies past it.
+//!
+//! What is folded from the journal is written once per journal block ([`segments::BLOCK`]
+//! records), not per event: the fleet's records (every machine and image changed in the block,
+//! at the index [`StateKey::RecordsAt`] names) and the block's audit index
+//! ([`crate::audit_index`]). At open the fleet state is loaded from its records and the few
+//! journal records after them are folded in again, so a machine written a thousand times in a
+//! block costs one sled insert, not a thousand. Applied state is not fsynced per batch (the
 //! Raft log already is); building a snapshot syncs it and the journal first, because the log
 //! may be purged behind a snapshot.
 
+use std::collections::BTreeSet;
 use std::io::{BufReader, BufWriter, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -17,6 +24,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogId, StorageIOError};
 use tokio::sync::watch;
 
+use crate::audit_index::{self, BlockIndex};
 use crate::durable::{decode, encode, Durable, StoreError};
 use crate::event::Event;
 use crate::fleet::{FleetState, Image, Machine, Policy, Touched};
@@ -32,9 +40,11 @@ use crate::types::{
 /// records never change, so fleet records of an older version are rebuilt by folding the
 /// journal ([`rebuild_records`]); before 5 the journal was kept in sled, and is moved to its
 /// segment files ([`move_journal_to_segments`]).
-const FORMAT: u32 = 5;
+const FORMAT: u32 = 6;
 /// The first format that keeps the journal in segment files.
 const FORMAT_SEGMENTS: u32 = 5;
+/// The first format that writes the fleet's records and the audit index once per journal block.
+const FORMAT_BLOCKS: u32 = 6;
 
 /// What the state machine has applied, as one consistent view.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +53,34 @@ pub struct Live {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
     pub journal: JournalHead,
+    /// What the journal's current block changed and has not yet written to sled.
+    unflushed: Unflushed,
+}
+
+/// The part of the fold that is written at the end of the journal's block: the records it
+/// changed and its audit index.
+#[derive(Debug, Clone, Default)]
+struct Unflushed {
+    touched: BTreeSet<Touched>,
+    audit: BlockIndex,
+}
+
+impl Unflushed {
+    /// Adds to `batch` what the block that journal record `index` ends has changed; the fleet's
+    /// records then reflect `index`.
+    fn write(&mut self, state: &FleetState, index: u64, batch: &mut sled::Batch) {
+        for (key, value) in self.audit.entries() {
+            batch.insert(key, value);
+        }
+        for touched in std::mem::take(&mut self.touched) {
+            match record(state, &touched) {
+                (key, Some(value)) => batch.insert(key.encode(), value),
+                (key, None) => batch.remove(key.encode()),
+            }
+        }
+        batch.insert(StateKey::RecordsAt.encode(), encode(&index));
+        self.audit = BlockIndex::for_record(index + 1);
+    }
 }
 
 struct Shared {
@@ -137,27 +175,12 @@ fn load(tree: &sled::Tree) -> Result<Live, StoreError> {
         last_applied: get::<Option<LogId>>(tree, StateKey::LastApplied)?.flatten(),
         membership: get(tree, StateKey::LastMembership)?.unwrap_or_default(),
         journal: get(tree, StateKey::JournalHead)?.unwrap_or_default(),
+        unflushed: Unflushed::default(),
     })
 }
 
-/// Adds the audit index entries of journal record `index` to `batch`.
-fn index_event(batch: &mut sled::Batch, index: u64, event: &Event) {
-    for host in event.change.machines_named() {
-        batch.insert(
-            StateKey::MachineEvent(host.to_owned(), index).encode(),
-            &[][..],
-        );
-    }
-    for image in event.change.images_named() {
-        batch.insert(
-            StateKey::ImageEvent(image.to_owned(), index).encode(),
-            &[][..],
-        );
-    }
-}
-
-/// Applies one committed event: to the fleet state, its changed records and audit indexes, and
-/// the journal. A refused event changes nothing.
+/// Applies one committed event: to the fleet state, the journal, and what the journal's block
+/// will write when it ends. A refused event changes nothing.
 fn apply_event(
     live: &mut Live,
     batch: &mut sled::Batch,
@@ -170,22 +193,20 @@ fn apply_event(
         .map_err(|e| e.to_string())
         .and_then(|event| {
             let touched = live.state.apply(next, &event).map_err(|r| r.to_string())?;
-            index_event(batch, next, &event);
-            Ok(touched)
+            Ok((event, touched))
         });
-    let touched = match outcome {
+    let (event, touched) = match outcome {
         Err(reason) => return Ok(Applied::Refused(reason)),
-        Ok(touched) => touched,
+        Ok(applied) => applied,
     };
-    for t in &touched {
-        match record(&live.state, t) {
-            (key, Some(value)) => batch.insert(key.encode(), value),
-            (key, None) => batch.remove(key.encode()),
-        }
-    }
     let head = live.journal.next(&bytes);
     append_record(journal, batch, head.index, log_index, &head.hash, &bytes)?;
     live.journal = head;
+    live.unflushed.touched.extend(touched);
+    live.unflushed.audit.add(head.index, &event);
+    if audit_index::ends_block(head.index) {
+        live.unflushed.write(&live.state, head.index, batch);
+    }
     Ok(Applied::Event(head))
 }
 
@@ -265,20 +286,77 @@ fn move_journal_to_segments(tree: &sled::Tree, journal: &JournalStore) -> Result
     Ok(())
 }
 
-/// Removes journal records left in sled by formats before 5, in bounded batches.
-fn remove_sled_journal(tree: &sled::Tree) -> Result<(), StoreError> {
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut any = false;
-        for item in tree.scan_prefix([StateKey::JOURNAL]).take(16_384) {
-            batch.remove(item?.0);
-            any = true;
+/// Removes the records of kind `prefix` for which `remove` holds, in bounded batches: for
+/// what older formats left behind, where a crash part way just means doing it again.
+fn remove_in_batches(
+    tree: &sled::Tree,
+    prefix: u8,
+    remove: impl Fn(&[u8]) -> bool,
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut pending = 0usize;
+    for item in tree.scan_prefix([prefix]) {
+        let (key, _) = item?;
+        if remove(&key) {
+            batch.remove(key);
+            pending += 1;
         }
-        if !any {
-            return Ok(());
+        if pending == 16_384 {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            pending = 0;
         }
-        tree.apply_batch(batch)?;
     }
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+/// Removes journal records left in sled by formats before 5.
+fn remove_sled_journal(tree: &sled::Tree) -> Result<(), StoreError> {
+    remove_in_batches(tree, StateKey::JOURNAL, |_| true)
+}
+
+/// Rebuilds the audit index of every whole journal block from `from_block` on, from the
+/// journal, in bounded batches; it is written at once from the journal each time, so a crash
+/// part way is undone by doing it again. The index of formats before 6 goes first.
+fn reindex_audit(
+    tree: &sled::Tree,
+    journal: &JournalStore,
+    from_block: u64,
+) -> Result<(), StoreError> {
+    for legacy in [StateKey::MACHINE_EVENT, StateKey::IMAGE_EVENT] {
+        remove_in_batches(tree, legacy, |_| true)?;
+    }
+    for prefix in [StateKey::MACHINE_EVENTS, StateKey::IMAGE_EVENTS] {
+        remove_in_batches(tree, prefix, |key| {
+            StateKey::indexed(key).is_none_or(|block| block >= from_block)
+        })?;
+    }
+    let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
+    // The last block is whole only if the head ends it; otherwise it stays in memory.
+    let last_whole = head.index - head.index % segments::BLOCK;
+    let first = audit_index::first_of(from_block);
+    if first > last_whole {
+        return Ok(());
+    }
+    let mut building = BlockIndex::for_record(first);
+    let mut batch = sled::Batch::default();
+    for item in read_journal(tree, journal, first, last_whole)? {
+        let (index, record) = item?;
+        let event = Event::decode(&record.event)
+            .map_err(|e| StoreError::corrupt(format!("journal record {index}"), e))?;
+        building.add(index, &event);
+        if audit_index::ends_block(index) {
+            for (key, value) in building.entries() {
+                batch.insert(key, value);
+            }
+            if (index / segments::BLOCK).is_multiple_of(16) {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+            building = BlockIndex::for_record(index + 1);
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 /// The kinds of record that are folded from the journal: the fleet's and the audit index.
@@ -287,6 +365,8 @@ const DERIVED: &[u8] = &[
     StateKey::IMAGE,
     StateKey::MACHINE_EVENT,
     StateKey::IMAGE_EVENT,
+    StateKey::MACHINE_EVENTS,
+    StateKey::IMAGE_EVENTS,
 ];
 
 /// Adds the removal of every record of the kinds `prefixes` to `batch`.
@@ -303,13 +383,13 @@ fn remove_all(
     Ok(())
 }
 
-/// Replaces the fleet records and the audit index with what the journal says, in one batch.
+/// Replaces the fleet records with what the journal says at its head, in one batch.
 fn rebuild_records(tree: &sled::Tree, journal: &JournalStore) -> Result<(), StoreError> {
     let head: JournalHead = get(tree, StateKey::JournalHead)?.unwrap_or_default();
     let mut state = FleetState::default();
     let mut batch = sled::Batch::default();
     // Removals first: within a batch the last write to a key wins.
-    remove_all(tree, &mut batch, DERIVED)?;
+    remove_all(tree, &mut batch, &[StateKey::MACHINE, StateKey::IMAGE])?;
     for item in read_journal(tree, journal, 1, head.index)? {
         let (index, record) = item?;
         let event = Event::decode(&record.event)
@@ -317,11 +397,11 @@ fn rebuild_records(tree: &sled::Tree, journal: &JournalStore) -> Result<(), Stor
         state
             .apply(index, &event)
             .map_err(|e| StoreError::corrupt(format!("journal record {index}"), e))?;
-        index_event(&mut batch, index, &event);
     }
     for (key, value) in all_records(&state) {
         batch.insert(key, value);
     }
+    batch.insert(StateKey::RecordsAt.encode(), encode(&head.index));
     tree.apply_batch(batch)?;
     Ok(())
 }
@@ -359,6 +439,13 @@ impl StateMachineStore {
                     );
                     rebuild_records(&tree, &journal)?;
                 }
+                if found < FORMAT_BLOCKS {
+                    tracing::info!("rebuilding the audit index by journal block");
+                    reindex_audit(&tree, &journal, 0)?;
+                    // Older formats wrote the fleet's records with every event.
+                    let head: JournalHead = get(&tree, StateKey::JournalHead)?.unwrap_or_default();
+                    tree.insert(StateKey::RecordsAt.encode(), encode(&head.index))?;
+                }
                 tree.insert(StateKey::Format.encode(), encode(&FORMAT))?;
                 durable.sync()?;
                 remove_sled_journal(&tree)?;
@@ -386,6 +473,7 @@ impl StateMachineStore {
             applied,
         });
         shared.reconcile_journal()?;
+        shared.fold_unflushed()?;
         Ok(StateMachineStore { shared })
     }
 
@@ -438,6 +526,50 @@ impl Shared {
         }
     }
 
+    /// Folds what the journal holds past the fleet's records into the state, and the current
+    /// block's records into its audit index: what [`Unflushed`] held before a restart.
+    fn fold_unflushed(&self) -> Result<(), StoreError> {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        self.fold_unflushed_into(&mut live)
+    }
+
+    fn fold_unflushed_into(&self, live: &mut Live) -> Result<(), StoreError> {
+        let head = live.journal.index;
+        let records_at: u64 = get(&self.tree, StateKey::RecordsAt)?.unwrap_or(0);
+        if records_at > head {
+            return Err(StoreError::corrupt(
+                "fleet records",
+                format!("they reflect journal index {records_at}, past the head {head}"),
+            ));
+        }
+        let block_first = audit_index::first_of(segments::block_of(head + 1));
+        let mut unflushed = Unflushed {
+            touched: BTreeSet::new(),
+            audit: BlockIndex::for_record(head + 1),
+        };
+        let from = (records_at + 1).min(block_first);
+        if from <= head {
+            for item in read_journal(&self.tree, &self.journal, from, head)? {
+                let (index, record) = item?;
+                let what = || format!("journal record {index}");
+                let event =
+                    Event::decode(&record.event).map_err(|e| StoreError::corrupt(what(), e))?;
+                if index > records_at {
+                    let touched = live
+                        .state
+                        .apply(index, &event)
+                        .map_err(|e| StoreError::corrupt(what(), e))?;
+                    unflushed.touched.extend(touched);
+                }
+                if index >= block_first {
+                    unflushed.audit.add(index, &event);
+                }
+            }
+        }
+        live.unflushed = unflushed;
+        Ok(())
+    }
+
     /// Whether the record at the head is there and chains from the one before it: the last
     /// bytes written are the ones a power loss damages.
     fn head_record_is_whole(&self, head: JournalHead) -> Result<bool, StoreError> {
@@ -471,6 +603,7 @@ impl Shared {
         batch.insert(StateKey::LastApplied.encode(), encode(&live.last_applied));
         batch.insert(StateKey::LastMembership.encode(), encode(&live.membership));
         batch.insert(StateKey::JournalHead.encode(), encode(&live.journal));
+        batch.insert(StateKey::RecordsAt.encode(), encode(&0u64));
         self.journal.truncate_after(0)?;
         self.tree.apply_batch(batch)?;
         self.durable.sync()?;
@@ -613,6 +746,18 @@ impl Shared {
             )));
         }
         let local_head = self.live().journal;
+        // The audit index of whole blocks before this one is ours and stays; from this one on it
+        // is built from the snapshot's records as they come.
+        let index_from = segments::block_of(local_head.index.min(header.journal.index) + 1);
+        if local_head.index > header.journal.index {
+            for prefix in [StateKey::MACHINE_EVENTS, StateKey::IMAGE_EVENTS] {
+                remove_in_batches(&self.tree, prefix, |key| {
+                    StateKey::indexed(key).is_none_or(|block| block >= index_from)
+                })?;
+            }
+        }
+        let mut building = BlockIndex::for_record(audit_index::first_of(index_from));
+        let mut reindex_from: Option<u64> = None;
         // Our own records are compared with the snapshot's as they come, in one pass.
         let mut local_end = self.journal.end();
         let mut local = read_journal(&self.tree, &self.journal, 1, local_end)?;
@@ -651,12 +796,18 @@ impl Shared {
                     let record: JournalRecord = decode("snapshot journal record", &value)?;
                     head = journal::verify(head, [(index, &record)])
                         .map_err(|e| StoreError::Snapshot(format!("journal in snapshot: {e}")))?;
-                    if index > local_head.index {
+                    if index >= audit_index::first_of(index_from) {
                         let event = Event::decode(&record.event).map_err(|e| {
                             StoreError::Snapshot(format!("journal record {index}: {e}"))
                         })?;
-                        index_event(&mut journal_batch, index, &event);
-                        pending += 1;
+                        building.add(index, &event);
+                        if audit_index::ends_block(index) {
+                            for (key, value) in building.entries() {
+                                journal_batch.insert(key, value);
+                                pending += 1;
+                            }
+                            building = BlockIndex::for_record(index + 1);
+                        }
                     }
                     let ours = if index <= local_end {
                         local.next().and_then(|r| r.ok())
@@ -669,6 +820,10 @@ impl Shared {
                             tracing::warn!(index, "replacing journal records from the snapshot's");
                             self.journal.truncate_after(index - 1)?;
                             local_end = index - 1;
+                            let block = segments::block_of(index);
+                            if block < index_from {
+                                reindex_from.get_or_insert(block);
+                            }
                         }
                         // Records past our head are invisible until the final batch moves the
                         // head, so they can be written in bounded chunks.
@@ -727,13 +882,19 @@ impl Shared {
             encode(&header.membership),
         );
         state_batch.insert(StateKey::JournalHead.encode(), encode(&head));
+        state_batch.insert(StateKey::RecordsAt.encode(), encode(&head.index));
         self.tree.apply_batch(state_batch)?;
+        if let Some(block) = reindex_from {
+            reindex_audit(&self.tree, &self.journal, block)?;
+        }
         *live = Live {
             state: FleetState::from_records(machines, images, policy),
             last_applied: header.last_applied,
             membership: header.membership,
             journal: head,
+            unflushed: Unflushed::default(),
         };
+        self.fold_unflushed_into(&mut live)?;
         self.applied.send_replace(head);
         drop(live);
         self.set_current_snapshot(meta, &path)?;
@@ -902,27 +1063,31 @@ impl FleetView {
         self.shared.durable.size_on_disk() + self.shared.journal.size_on_disk()
     }
 
-    /// Journal indexes of the records that name a machine (`by_machine`) or an image, from the
-    /// audit index: no scan of the journal.
+    /// Journal indexes of the records that name a machine (`by_machine`) or an image, in
+    /// order, from the audit index: no scan of the journal.
     pub fn indexed(&self, by_machine: bool, name: &str) -> Result<Vec<u64>, StoreError> {
         let prefix = if by_machine {
-            StateKey::MACHINE_EVENT
+            StateKey::MACHINE_EVENTS
         } else {
-            StateKey::IMAGE_EVENT
+            StateKey::IMAGE_EVENTS
         };
-        let head = self.journal_head().index;
+        // Whole blocks in sled and the current one in memory, read under one lock: a block that
+        // ends meanwhile moves from one to the other in the same apply.
+        let live = self.shared.live();
+        let head = live.journal.index;
         let mut found = Vec::new();
         for item in self
             .shared
             .tree
             .scan_prefix(StateKey::name_prefix(prefix, name))
         {
-            let (key, _) = item?;
-            match StateKey::indexed(&key) {
-                Some(index) if index <= head => found.push(index),
-                _ => {}
-            }
+            let (key, positions) = item?;
+            let block = StateKey::indexed(&key)
+                .ok_or_else(|| StoreError::corrupt("audit index key", "too short"))?;
+            found.extend(audit_index::decode_positions(block, &positions));
         }
+        found.extend(live.unflushed.audit.indexes_of(by_machine, name));
+        found.retain(|index| *index <= head);
         Ok(found)
     }
 

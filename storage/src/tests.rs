@@ -556,3 +556,192 @@ fn an_unversioned_log_is_upgraded_to_batched_entries_and_a_newer_one_refused() {
         }
     });
 }
+
+/// Log entries `from..=to`, one event each: ten machines added, then updated in turn with a
+/// tag that changes every time, so the state at each index differs from the one before.
+fn fleet_churn(from: u64, to: u64) -> Vec<Entry> {
+    (from..=to)
+        .map(|i| {
+            let host = format!("m{}", i % 10);
+            let change = if i <= 10 {
+                machine(&host)
+            } else {
+                Change::MachineUpdated {
+                    hostname: host,
+                    tags: BTreeMap::from([("seen".to_owned(), i.to_string())]),
+                }
+            };
+            event_entry(i, change)
+        })
+        .collect()
+}
+
+/// What the audit index must say: every journal record naming `host`, by a scan.
+fn scanned(view: &crate::state_machine::FleetView, host: &str) -> Vec<u64> {
+    view.journal(1, u64::MAX)
+        .map(|r| r.unwrap())
+        .filter(|(_, r)| {
+            Event::decode(&r.event)
+                .unwrap()
+                .change
+                .machines_named()
+                .contains(&host)
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[test]
+fn records_and_audit_index_are_written_per_block_and_open_folds_the_rest() {
+    use crate::journal_store::BLOCK;
+    use crate::keys::StateKey;
+    let end = 2 * BLOCK + 500;
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let expected = {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(fleet_churn(1, end)).await.unwrap();
+            let view = sm.view();
+            assert_eq!(view.indexed(true, "m3").unwrap(), scanned(&view, "m3"));
+            assert_eq!(view.indexed(true, "m3").unwrap().len(), 255);
+            view.read(|l| l.state.clone())
+        };
+        {
+            // sled holds the records as of the second block's end, one index key per machine
+            // and whole block: the 500 records after it are only in the journal.
+            let db = raw_sled(dir.path());
+            let tree = db.open_tree("state").unwrap();
+            let records_at: u64 = crate::durable::decode(
+                "records at",
+                &tree.get(StateKey::RecordsAt.encode()).unwrap().unwrap(),
+            )
+            .unwrap();
+            assert_eq!(records_at, 2 * BLOCK);
+            assert_eq!(tree.scan_prefix([StateKey::MACHINE_EVENTS]).count(), 20);
+            let m3: crate::fleet::Machine = crate::durable::decode(
+                "m3",
+                &tree
+                    .get(StateKey::Machine("m3".into()).encode())
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_ne!(
+                Some(&m3),
+                expected.machine("m3"),
+                "m3 changed after the block"
+            );
+        }
+        let (_log, mut sm) = reopen(dir.path()).unwrap();
+        let view = sm.view();
+        assert_eq!(view.read(|l| l.state.clone()), expected);
+        assert_eq!(view.indexed(true, "m3").unwrap(), scanned(&view, "m3"));
+        // The block that was open at the restart ends and is written like any other.
+        sm.apply(fleet_churn(end + 1, 3 * BLOCK + 10))
+            .await
+            .unwrap();
+        assert_eq!(view.indexed(true, "m7").unwrap(), scanned(&view, "m7"));
+        let state = view.read(|l| l.state.clone());
+        drop((sm, view, _log));
+        let (_log, sm) = reopen(dir.path()).unwrap();
+        assert_eq!(sm.view().read(|l| l.state.clone()), state);
+        assert_eq!(
+            sm.view().indexed(true, "m7").unwrap(),
+            scanned(&sm.view(), "m7")
+        );
+    });
+}
+
+#[test]
+fn a_snapshot_installed_mid_block_leaves_the_same_index_and_state_as_the_leader() {
+    use crate::journal_store::BLOCK;
+    let end = 3 * BLOCK + 300;
+    runtime().block_on(async {
+        let (leader_dir, follower_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        let (_leader_log, mut leader) = crate::open(leader_dir.path()).unwrap();
+        leader.apply(fleet_churn(1, end)).await.unwrap();
+        let snapshot = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let (_follower_log, mut follower) = crate::open(follower_dir.path()).unwrap();
+        // The follower stopped part way through the second block.
+        follower.apply(fleet_churn(1, BLOCK + 700)).await.unwrap();
+        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+        *receiving = *snapshot.snapshot;
+        follower
+            .install_snapshot(&snapshot.meta, receiving)
+            .await
+            .unwrap();
+        let (leader_view, follower_view) = (leader.view(), follower.view());
+        let state = leader_view.read(|l| l.state.clone());
+        assert_eq!(follower_view.read(|l| l.state.clone()), state);
+        for host in ["m0", "m5", "m9"] {
+            assert_eq!(
+                follower_view.indexed(true, host).unwrap(),
+                leader_view.indexed(true, host).unwrap()
+            );
+            assert_eq!(
+                follower_view.indexed(true, host).unwrap(),
+                scanned(&leader_view, host)
+            );
+        }
+        drop((follower, follower_view, _follower_log));
+        let (_log, reopened) = reopen(follower_dir.path()).unwrap();
+        assert_eq!(reopened.view().read(|l| l.state.clone()), state);
+        assert_eq!(
+            reopened.view().indexed(true, "m5").unwrap(),
+            scanned(&leader_view, "m5")
+        );
+    });
+}
+
+#[test]
+fn a_format_5_audit_index_is_rebuilt_by_block() {
+    use crate::journal_store::BLOCK;
+    use crate::keys::StateKey;
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let end = BLOCK + 30;
+        let state = {
+            let (_log, mut sm) = crate::open(dir.path()).unwrap();
+            sm.apply(fleet_churn(1, end)).await.unwrap();
+            sm.view().read(|l| l.state.clone())
+        };
+        {
+            // As format 5 left it: a key per (name, record), and records at the head.
+            let db = raw_sled(dir.path());
+            let tree = db.open_tree("state").unwrap();
+            for item in tree.scan_prefix([StateKey::MACHINE_EVENTS]) {
+                tree.remove(item.unwrap().0).unwrap();
+            }
+            tree.remove(StateKey::RecordsAt.encode()).unwrap();
+            for index in 1..=end {
+                let host = format!("m{}", index % 10);
+                tree.insert(StateKey::MachineEvent(host, index).encode(), &[][..])
+                    .unwrap();
+            }
+            for machine in state.machines() {
+                tree.insert(
+                    StateKey::Machine(machine.hostname.clone()).encode(),
+                    crate::durable::encode(machine),
+                )
+                .unwrap();
+            }
+            tree.insert(StateKey::Format.encode(), crate::durable::encode(&5u32))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (_log, sm) = reopen(dir.path()).unwrap();
+        let view = sm.view();
+        assert_eq!(view.read(|l| l.state.clone()), state);
+        assert_eq!(view.indexed(true, "m4").unwrap(), scanned(&view, "m4"));
+        drop((sm, view, _log));
+        let db = raw_sled(dir.path());
+        let tree = db.open_tree("state").unwrap();
+        assert_eq!(tree.scan_prefix([StateKey::MACHINE_EVENT]).count(), 0);
+        assert_eq!(tree.scan_prefix([StateKey::MACHINE_EVENTS]).count(), 10);
+    });
+}
