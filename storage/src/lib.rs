@@ -2,7 +2,7 @@
 //!
 //! An admin call becomes an [`event::Event`]; the leader checks it against the
 //! [`fleet::FleetState`] and proposes its protobuf bytes through openraft. Each replica's
-//! [`log_store::LogStore`] keeps the Raft log in sled; once committed, the
+//! [`log_store::LogStore`] keeps the Raft log (entries in [`raft_wal`] files); once committed, the
 //! [`state_machine::StateMachineStore`] folds the event into the fleet state and appends it to
 //! the hash-chained [`journal`] in one sled batch, so the applied index, the state and the
 //! journal never disagree. The journal is never purged: it is the audit trail, and snapshots
@@ -23,6 +23,7 @@ pub mod log_store;
 pub mod names;
 pub mod objects;
 pub mod plan;
+pub mod raft_wal;
 pub mod replay;
 pub mod snapshot;
 pub mod state_machine;
@@ -33,13 +34,14 @@ use std::sync::Arc;
 
 pub use durable::StoreError;
 
-/// Opens (or creates) a replica's storage under `dir`: sled in `dir/sled`, the journal's
-/// segment files in `dir/journal`, snapshots in `dir/snapshots`. Fails with [`StoreError::Locked`] if another process has it open.
+/// Opens (or creates) a replica's storage under `dir`: sled in `dir/sled`, the Raft log's
+/// entries in `dir/raft_log`, the journal's segment files in `dir/journal`, snapshots in
+/// `dir/snapshots`. Fails with [`StoreError::Locked`] if another process has it open.
 pub fn open(
     dir: &Path,
 ) -> Result<(log_store::LogStore, state_machine::StateMachineStore), StoreError> {
     let durable = Arc::new(durable::Durable::open(&dir.join("sled"))?);
-    let log = log_store::LogStore::open(durable.clone())?;
+    let log = log_store::LogStore::open(durable.clone(), &dir.join("raft_log"))?;
     let sm = state_machine::StateMachineStore::open(
         durable,
         &dir.join("journal"),

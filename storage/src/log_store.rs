@@ -1,11 +1,13 @@
-//! The Raft log in sled: vote, committed id, purge point and entries, keyed by [`LogKey`].
+//! The Raft log: entries in their own segment files ([`RaftWal`]), the vote, committed id,
+//! purge point and format in sled, keyed by [`LogKey`].
 //!
-//! Appends and votes are acknowledged to openraft only after [`Durable::sync`] returns, so a
-//! crash never loses what this replica promised its peers. Sync runs on the blocking pool to
-//! keep the Raft core's runtime thread free.
+//! Appends are acknowledged to openraft (its `LogFlushed` callback) only once their
+//! `fdatasync` has returned, and votes only after [`Durable::sync`], so a crash never loses
+//! what this replica promised its peers.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -13,12 +15,14 @@ use openraft::{AnyError, OptionalSend, RaftLogId, StorageIOError};
 
 use crate::durable::{decode, encode, Durable, StoreError};
 use crate::keys::LogKey;
+use crate::raft_wal::RaftWal;
 use crate::types::{Entry, Events, LogId, StorageError, TypeConfig, Vote};
 
 #[derive(Clone)]
 pub struct LogStore {
     tree: sled::Tree,
     durable: Arc<Durable>,
+    wal: Arc<RaftWal>,
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -29,38 +33,105 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_logs(AnyError::new(&e)).into()
 }
 
-/// Version of the entries' encoding. 1: an entry carries a batch of events ([`Events`]); the
-/// unversioned log before it carried exactly one event per entry ([`legacy`]).
-const FORMAT: u32 = 1;
+/// Version of the log's layout. 2: entries live in [`RaftWal`] segment files; 1: they were
+/// sled keys, each a batch of events ([`Events`]); before 1 (unversioned) each sled entry
+/// carried exactly one event ([`legacy`]).
+const FORMAT: u32 = 2;
+
+fn encode_entries(entries: impl IntoIterator<Item = Entry>) -> Vec<(u64, Vec<u8>)> {
+    entries
+        .into_iter()
+        .map(|entry| (entry.get_log_id().index, encode(&entry)))
+        .collect()
+}
+
+/// Appends and waits, on this thread, until the entries are durable.
+fn append_and_wait(wal: &RaftWal, entries: Vec<(u64, Vec<u8>)>) -> Result<(), StoreError> {
+    let (done, synced) = std::sync::mpsc::channel();
+    wal.append(
+        entries,
+        Box::new(move |result| {
+            let _ = done.send(result);
+        }),
+    )?;
+    synced
+        .recv()
+        .map_err(|_| StoreError::corrupt("raft log", "the sync thread has stopped"))?
+        .map_err(StoreError::io("raft log"))
+}
+
+/// Moves the entries of a format-1 log from sled to the segment files. The sled keys go only
+/// after the format says the files hold the log; a crash before that does it all again.
+fn move_entries_to_wal(
+    tree: &sled::Tree,
+    wal_dir: &Path,
+    purged: Option<u64>,
+) -> Result<RaftWal, StoreError> {
+    if wal_dir.exists() {
+        std::fs::remove_dir_all(wal_dir).map_err(StoreError::io(wal_dir))?;
+    }
+    let wal = RaftWal::open(wal_dir, purged)?;
+    let range = LogKey::Entry(0).encode()..=LogKey::Entry(u64::MAX).encode();
+    let mut chunk = Vec::new();
+    let mut moved = 0u64;
+    for item in tree.range(range) {
+        let (key, value) = item?;
+        let index =
+            LogKey::entry_index(&key).ok_or_else(|| StoreError::corrupt("log key", "bad"))?;
+        chunk.push((index, value.to_vec()));
+        if chunk.len() == 4096 {
+            moved += chunk.len() as u64;
+            append_and_wait(&wal, std::mem::take(&mut chunk))?;
+        }
+    }
+    moved += chunk.len() as u64;
+    append_and_wait(&wal, chunk)?;
+    if moved > 0 {
+        tracing::info!(
+            entries = moved,
+            "moved the Raft log from sled to its own files"
+        );
+    }
+    Ok(wal)
+}
 
 impl LogStore {
-    pub fn open(durable: Arc<Durable>) -> Result<LogStore, StoreError> {
+    /// Opens the log: its records in `durable`, its entries' files in `wal_dir`.
+    pub fn open(durable: Arc<Durable>, wal_dir: &Path) -> Result<LogStore, StoreError> {
         let tree = durable.db.open_tree("raft_log")?;
-        let store = LogStore { tree, durable };
-        match store.get::<u32>(LogKey::Format)? {
-            Some(FORMAT) => {}
-            Some(found) => {
+        let get_purged = |tree: &sled::Tree| -> Result<Option<u64>, StoreError> {
+            Ok(get::<LogId>(tree, LogKey::LastPurged)?.map(|l| l.index))
+        };
+        let wal = match get::<u32>(&tree, LogKey::Format)? {
+            Some(FORMAT) => RaftWal::open(wal_dir, get_purged(&tree)?)?,
+            Some(found) if found > FORMAT => {
                 return Err(StoreError::Format {
                     found,
                     expected: FORMAT,
                 })
             }
-            None => {
-                legacy::upgrade(&store.tree)?;
-                store
-                    .tree
-                    .insert(LogKey::Format.encode(), encode(&FORMAT))?;
-                store.durable.sync()?;
+            found => {
+                if found.is_none() {
+                    legacy::upgrade(&tree)?;
+                }
+                let wal = move_entries_to_wal(&tree, wal_dir, get_purged(&tree)?)?;
+                tree.insert(LogKey::Format.encode(), encode(&FORMAT))?;
+                durable.sync()?;
+                let mut batch = sled::Batch::default();
+                for item in tree.range(LogKey::Entry(0).encode()..=LogKey::Entry(u64::MAX).encode())
+                {
+                    batch.remove(item?.0);
+                }
+                tree.apply_batch(batch)?;
+                durable.sync()?;
+                wal
             }
-        }
-        Ok(store)
-    }
-
-    fn get<T: serde::de::DeserializeOwned>(&self, key: LogKey) -> Result<Option<T>, StoreError> {
-        self.tree
-            .get(key.encode())?
-            .map(|bytes| decode(&format!("{key:?}"), &bytes))
-            .transpose()
+        };
+        Ok(LogStore {
+            tree,
+            durable,
+            wal: Arc::new(wal),
+        })
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
@@ -70,63 +141,80 @@ impl LogStore {
             .map_err(|e| StoreError::Snapshot(format!("sync task failed: {e}")))?
     }
 
+    /// Runs a blocking call on the log's files off the runtime's threads.
+    async fn on_files(
+        &self,
+        f: impl FnOnce(&RaftWal) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let wal = self.wal.clone();
+        tokio::task::spawn_blocking(move || f(&wal))
+            .await
+            .map_err(|e| StoreError::Snapshot(format!("raft log task failed: {e}")))?
+    }
+
     fn last_entry_id(&self) -> Result<Option<LogId>, StoreError> {
-        let range = LogKey::Entry(0).encode()..=LogKey::Entry(u64::MAX).encode();
-        match self.tree.range(range).next_back() {
+        let Some((_, last)) = self.wal.bounds() else {
+            return Ok(None);
+        };
+        match self.wal.read(last, last + 1)?.pop() {
             None => Ok(None),
-            Some(item) => {
-                let (_, value) = item?;
-                let entry: Entry = decode("log entry", &value)?;
+            Some((_, payload)) => {
+                let entry: Entry = decode("log entry", &payload)?;
                 Ok(Some(*entry.get_log_id()))
             }
         }
     }
 
     /// Writes entries and returns once they are on stable storage.
+    #[cfg(test)]
     pub(crate) async fn write_entries(
         &self,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(
-                LogKey::Entry(entry.get_log_id().index).encode(),
-                encode(&entry),
-            );
-        }
-        self.tree.apply_batch(batch)?;
-        self.sync().await
+        let (done, synced) = tokio::sync::oneshot::channel();
+        self.wal.append(
+            encode_entries(entries),
+            Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        )?;
+        synced
+            .await
+            .map_err(|_| StoreError::corrupt("raft log", "the sync thread has stopped"))?
+            .map_err(StoreError::io("raft log"))
     }
 
     /// First and last index held, for status pages.
     pub fn bounds(&self) -> (Option<u64>, Option<u64>) {
-        let range = LogKey::Entry(0).encode()..=LogKey::Entry(u64::MAX).encode();
-        let index = |item: Option<sled::Result<(sled::IVec, sled::IVec)>>| {
-            item.and_then(Result::ok)
-                .and_then(|(k, _)| LogKey::entry_index(&k))
-        };
-        (
-            index(self.tree.range(range.clone()).next()),
-            index(self.tree.range(range).next_back()),
-        )
+        match self.wal.bounds() {
+            Some((first, last)) => (Some(first), Some(last)),
+            None => (None, None),
+        }
     }
 }
 
-fn entry_range<RB: RangeBounds<u64>>(range: &RB) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
-    let map = |b: Bound<&u64>| match b {
-        Bound::Included(i) => Bound::Included(LogKey::Entry(*i).encode()),
-        Bound::Excluded(i) => Bound::Excluded(LogKey::Entry(*i).encode()),
-        Bound::Unbounded => Bound::Unbounded,
+fn get<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: LogKey,
+) -> Result<Option<T>, StoreError> {
+    tree.get(key.encode())?
+        .map(|bytes| decode(&format!("{key:?}"), &bytes))
+        .transpose()
+}
+
+/// `range` as the half-open `from..to` the files are read by.
+fn index_range<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+    let from = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
     };
-    let start = match range.start_bound() {
-        Bound::Unbounded => Bound::Included(LogKey::Entry(0).encode()),
-        other => map(other),
+    let to = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
     };
-    let end = match range.end_bound() {
-        Bound::Unbounded => Bound::Included(LogKey::Entry(u64::MAX).encode()),
-        other => map(other),
-    };
-    (start, end)
+    (from, to)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -134,12 +222,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.tree
-            .range(entry_range(&range))
-            .map(|item| {
-                let (_, value) = item.map_err(read_err)?;
-                decode::<Entry>("log entry", &value).map_err(read_err)
-            })
+        let (from, to) = index_range(&range);
+        self.wal
+            .read(from, to)
+            .map_err(read_err)?
+            .into_iter()
+            .map(|(_, payload)| decode::<Entry>("log entry", &payload).map_err(read_err))
             .collect()
     }
 }
@@ -148,7 +236,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.get(LogKey::LastPurged).map_err(read_err)?;
+        let last_purged_log_id: Option<LogId> =
+            get(&self.tree, LogKey::LastPurged).map_err(read_err)?;
         let last_log_id = self
             .last_entry_id()
             .map_err(read_err)?
@@ -174,7 +263,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.get(LogKey::Vote)
+        get(&self.tree, LogKey::Vote)
             .map_err(|e| StorageIOError::read_vote(AnyError::new(&e)).into())
     }
 
@@ -187,8 +276,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .get::<Option<LogId>>(LogKey::Committed)
+        Ok(get::<Option<LogId>>(&self.tree, LogKey::Committed)
             .map_err(read_err)?
             .flatten())
     }
@@ -202,34 +290,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let written = self
-            .write_entries(entries)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()));
-        callback.log_io_completed(written);
-        Ok(())
+        self.wal
+            .append(
+                encode_entries(entries),
+                Box::new(move |result| callback.log_io_completed(result)),
+            )
+            .map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.tree.range(entry_range(&(log_id.index..))) {
-            batch.remove(item.map_err(write_err)?.0);
-        }
-        self.tree.apply_batch(batch).map_err(write_err)?;
-        self.sync().await.map_err(write_err)
+        self.on_files(move |wal| wal.truncate(log_id.index))
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first: if we crash half way, the log state still reads right.
+        // The purge point is durable before any entry goes: the log state then reads right
+        // whether the files were removed or not.
         self.tree
             .insert(LogKey::LastPurged.encode(), encode(&log_id))
             .map_err(write_err)?;
-        let mut batch = sled::Batch::default();
-        for item in self.tree.range(entry_range(&(..=log_id.index))) {
-            batch.remove(item.map_err(write_err)?.0);
-        }
-        self.tree.apply_batch(batch).map_err(write_err)?;
-        self.sync().await.map_err(write_err)
+        self.sync().await.map_err(write_err)?;
+        self.on_files(move |wal| wal.purge(log_id.index))
+            .await
+            .map_err(write_err)
     }
 }
 
