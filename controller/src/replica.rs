@@ -193,7 +193,7 @@ pub async fn run(
     let admin = AdminService {
         id: config.id,
         raft: raft.clone(),
-        view,
+        view: view.clone(),
         objects: objects.clone(),
         reconciler: reconciler.clone(),
         proposer,
@@ -240,6 +240,11 @@ pub async fn run(
     maintenance_task.abort();
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft did not stop cleanly: {e}");
+    }
+    match tokio::task::spawn_blocking(move || view.sync()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("could not sync the applied state at shutdown: {e}"),
+        Err(e) => tracing::warn!("could not sync the applied state at shutdown: {e}"),
     }
     served.map_err(ReplicaError::Serve)?;
     Ok(())

@@ -2,11 +2,12 @@
 //!
 //! An admin call becomes an [`event::Event`]; the leader checks it against the
 //! [`fleet::FleetState`] and proposes its protobuf bytes through openraft. Each replica's
-//! [`log_store::LogStore`] keeps the Raft log (entries in [`raft_wal`] files); once committed, the
-//! [`state_machine::StateMachineStore`] folds the event into the fleet state and appends it to
-//! the hash-chained [`journal`] in one sled batch, so the applied index, the state and the
-//! journal never disagree. The journal is never purged: it is the audit trail, and snapshots
-//! carry it whole so a replica that catches up by snapshot still holds all of history.
+//! [`log_store::LogStore`] keeps the Raft log (its entries in [`raft_wal`] segment files); once
+//! committed, the [`state_machine::StateMachineStore`] folds the event into the fleet state and
+//! appends it to the hash-chained [`journal`] ([`journal_store`] files), and one sled batch moves
+//! the applied index and journal head together. The journal is never purged: it is the audit
+//! trail, and snapshots carry it whole so a replica that catches up by snapshot still holds all
+//! of history.
 
 // openraft's StorageError is large and not ours to shrink.
 #![allow(clippy::result_large_err)]
