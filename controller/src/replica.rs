@@ -20,7 +20,7 @@ use crate::agents::{AgentService, Reconciler};
 use crate::network::{Network, RaftService};
 use crate::objects::{Maintenance, ObjectsService};
 use crate::proposer::Proposer;
-use dom_proto::leader::agent_server::AgentServer;
+use dom_proto::frame::SyncServer;
 use dom_proto::v1::objects_server::ObjectsServer;
 use dom_storage::objects::ObjectStore;
 
@@ -206,11 +206,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(AdminServer::new(admin))
-        .add_service(
-            AgentServer::new(AgentService { reconciler })
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-        )
+        .add_service(SyncServer::new(AgentService { reconciler }, MAX_MESSAGE))
         .add_service(
             ObjectsServer::new(ObjectsService { store: objects })
                 .max_decoding_message_size(MAX_MESSAGE)
