@@ -64,6 +64,13 @@ pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Resul
         .map_err(|e| StoreError::corrupt(what, e))
 }
 
+/// Makes the entries of `dir` (files created, renamed or removed there) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(dir))
+}
+
 /// An open sled database plus what is needed to make its writes reach the disk.
 pub struct Durable {
     pub db: sled::Db,

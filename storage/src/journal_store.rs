@@ -64,20 +64,20 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.seg"))
 }
 
-/// The segments in `dir`, by first index.
-fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+/// The segment files in `dir` named `<first index>.<extension>`, by first index: the journal's
+/// and the Raft log's.
+pub(crate) fn list_segments(dir: &Path, extension: &str) -> Result<Vec<u64>, StoreError> {
+    let suffix = format!(".{extension}");
     let mut firsts = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(StoreError::io(dir))? {
-        let entry = entry.map_err(StoreError::io(dir))?;
-        let name = entry.file_name();
-        let Some(first) = name
+        let name = entry.map_err(StoreError::io(dir))?.file_name();
+        if let Some(first) = name
             .to_str()
-            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.strip_suffix(suffix.as_str()))
             .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        firsts.push(first);
+        {
+            firsts.push(first);
+        }
     }
     firsts.sort_unstable();
     Ok(firsts)
@@ -203,7 +203,7 @@ impl JournalStore {
     /// Opens the segments in `dir` (creating it), cutting a torn last frame.
     pub fn open(dir: &Path) -> Result<JournalStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::io(dir))?;
-        let mut segments = list_segments(dir)?;
+        let mut segments = list_segments(dir, "seg")?;
         let mut writer = Writer {
             segments: Vec::new(),
             file: None,
@@ -428,7 +428,7 @@ impl JournalStore {
 /// Every whole record in the journal directory `dir`, read only: for tools reading a stopped
 /// replica's data dir (or a copy of one). A torn last frame ends the records.
 pub fn read_dir(dir: &Path) -> Result<Records, StoreError> {
-    let segments = list_segments(dir)?;
+    let segments = list_segments(dir, "seg")?;
     Ok(Records::new(dir, segments, 1, u64::MAX, None, false))
 }
 
@@ -673,13 +673,13 @@ mod tests {
             head = next;
         }
         store.flush().unwrap();
-        assert_eq!(list_segments(dir.path()).unwrap(), vec![1, 4, 7]);
+        assert_eq!(list_segments(dir.path(), "seg").unwrap(), vec![1, 4, 7]);
         assert_eq!(indexes(store.read(1, 7, None)), (1..=7).collect::<Vec<_>>());
         store.truncate_after(5).unwrap();
-        assert_eq!(list_segments(dir.path()).unwrap(), vec![1, 4]);
+        assert_eq!(list_segments(dir.path(), "seg").unwrap(), vec![1, 4]);
         assert_eq!(store.end(), 5);
         store.truncate_after(3).unwrap();
-        assert_eq!(list_segments(dir.path()).unwrap(), vec![1]);
+        assert_eq!(list_segments(dir.path(), "seg").unwrap(), vec![1]);
         let reopened = JournalStore::open(dir.path()).unwrap();
         assert_eq!(reopened.end(), 3);
         store.truncate_after(0).unwrap();

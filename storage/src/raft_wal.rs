@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::durable::StoreError;
+use crate::durable::{sync_dir, StoreError};
+use crate::journal_store::list_segments;
 
 const MAGIC: &[u8; 8] = b"DOMRLOG1";
 /// A segment takes no more entries once it is this large.
@@ -38,29 +39,6 @@ pub type Synced = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.wal"))
-}
-
-/// The segments in `dir`, by first index.
-fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
-    let mut firsts = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(StoreError::io(dir))? {
-        let name = entry.map_err(StoreError::io(dir))?.file_name();
-        if let Some(first) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".wal"))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            firsts.push(first);
-        }
-    }
-    firsts.sort_unstable();
-    Ok(firsts)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::io(dir))
 }
 
 fn checksum(index: u64, payload: &[u8]) -> u32 {
@@ -185,7 +163,7 @@ impl RaftWal {
         segment_bytes: u64,
     ) -> Result<RaftWal, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::io(dir))?;
-        let firsts = list_segments(dir)?;
+        let firsts = list_segments(dir, "wal")?;
         let mut inner = Inner {
             segments: Vec::new(),
             len: 0,
@@ -519,7 +497,7 @@ mod tests {
     }
 
     fn segments(dir: &Path) -> Vec<u64> {
-        list_segments(dir).unwrap()
+        list_segments(dir, "wal").unwrap()
     }
 
     #[test]

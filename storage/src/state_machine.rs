@@ -25,7 +25,7 @@ use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogId, StorageIOError};
 use tokio::sync::watch;
 
 use crate::audit_index::{self, BlockIndex};
-use crate::durable::{decode, encode, Durable, StoreError};
+use crate::durable::{decode, encode, sync_dir, Durable, StoreError};
 use crate::event::Event;
 use crate::fleet::{FleetState, Image, Machine, Policy, Touched};
 use crate::journal::{self, JournalHead, JournalRecord};
@@ -408,12 +408,6 @@ fn rebuild_records(tree: &sled::Tree, journal: &JournalStore) -> Result<(), Stor
 
 fn snapshot_file(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.snap"))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::io(dir))
 }
 
 impl StateMachineStore {

@@ -207,12 +207,7 @@ fn a_snapshot_carries_the_whole_journal_to_an_empty_replica() {
         assert_eq!(leader.view().journal(1, u64::MAX).count(), 49);
 
         let (_follower_log, mut follower) = crate::open(follower_dir.path()).unwrap();
-        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
-        *receiving = *snapshot.snapshot;
-        follower
-            .install_snapshot(&snapshot.meta, receiving)
-            .await
-            .unwrap();
+        install(&mut follower, snapshot).await;
 
         let (leader_view, follower_view) = (leader.view(), follower.view());
         assert_eq!(follower_view.journal_head(), leader_view.journal_head());
@@ -299,6 +294,19 @@ fn apply_survives_arbitrary_bytes_and_mutated_events() {
             .count();
         assert_eq!(journaled as u64, head.index);
     });
+}
+
+/// Hands `snapshot` to `follower` as openraft does: received into its own file, then installed.
+async fn install(
+    follower: &mut StateMachineStore,
+    snapshot: openraft::storage::Snapshot<TypeConfig>,
+) {
+    let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+    *receiving = *snapshot.snapshot;
+    follower
+        .install_snapshot(&snapshot.meta, receiving)
+        .await
+        .unwrap();
 }
 
 /// Applies the first two log entries: `web-01` added, then `web-02`.
@@ -669,12 +677,7 @@ fn a_snapshot_installed_mid_block_leaves_the_same_index_and_state_as_the_leader(
         let (_follower_log, mut follower) = crate::open(follower_dir.path()).unwrap();
         // The follower stopped part way through the second block.
         follower.apply(fleet_churn(1, BLOCK + 700)).await.unwrap();
-        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
-        *receiving = *snapshot.snapshot;
-        follower
-            .install_snapshot(&snapshot.meta, receiving)
-            .await
-            .unwrap();
+        install(&mut follower, snapshot).await;
         let (leader_view, follower_view) = (leader.view(), follower.view());
         let state = leader_view.read(|l| l.state.clone());
         assert_eq!(follower_view.read(|l| l.state.clone()), state);
