@@ -130,6 +130,36 @@ fn the_concurrency_limit_holds_through_a_leader_failover() {
 }
 
 #[test]
+fn agents_of_a_deposed_leader_move_to_the_new_one() {
+    let cluster = Cluster::start(3, &[]);
+    let old = cluster.wait_leader(None);
+    let (_, v2_root) = two_versions(&cluster, "dep", 5);
+    let agents = fleet(&cluster, &["d1", "d2"], "dep/1", &[]);
+    // Frozen past the election timeout, the leader is replaced; thawed, it still holds the
+    // agents' streams and learns only from its peers that it no longer leads.
+    cluster.pause(old);
+    let peers: Vec<String> = cluster
+        .replicas
+        .values()
+        .filter(|r| r.id != old)
+        .map(|r| r.addr.clone())
+        .collect();
+    let new = dom_tests::wait_for("a new leader", Duration::from_secs(30), || {
+        let out = cluster.domadm_at(&peers.join(","), &["cluster", "status", "-o", "json"]);
+        let leader = serde_json::from_slice::<Value>(&out.stdout).ok()?["leader"].as_u64()?;
+        (leader != old).then_some(leader)
+    });
+    cluster.resume(old);
+    // The new leader plans for them only once they have moved to it.
+    ok(cluster.domadm(&["assign", "--required", "dep/2", "--all"]));
+    for a in &agents {
+        cluster.wait_compliant(&a.hostname, "dep/2", CONVERGE);
+        assert_eq!(tree_root(&a.root, &[]), v2_root);
+    }
+    assert_eq!(cluster.wait_leader(None), new, "leadership moved again");
+}
+
+#[test]
 fn halt_stops_new_updates_and_resume_releases_them() {
     let cluster = Cluster::start(3, &[]);
     cluster.wait_leader(None);

@@ -248,8 +248,10 @@ impl Reconciler {
         self.machines().update(hostname, f)
     }
 
+    /// From the server metrics, which openraft publishes before the full metrics: a session
+    /// woken by a change of leader must see that change when it looks.
     fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.raft.server_metrics().borrow().current_leader == Some(self.id)
     }
 
     /// Plan ids carry the term, so an outcome reported to a later leader is never mistaken
@@ -747,7 +749,9 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
         let r = self.reconciler.clone();
         let mut applied = r.view.subscribe();
-        let mut metrics = r.raft.metrics();
+        // Server metrics change only with the vote, the role or the membership; the full
+        // metrics change on every heartbeat round, and would wake every session with them.
+        let mut server = r.raft.server_metrics();
         let mut slots = r.slots.subscribe();
         let end: Result<(), Status> = loop {
             if !self.current() {
@@ -789,8 +793,8 @@ impl Session {
                     }
                     self.seen = Some(inputs);
                 }
-                changed = metrics.changed() => {
-                    if changed.is_err() || !r.is_leader() {
+                changed = server.changed() => {
+                    if changed.is_err() || server.borrow_and_update().current_leader != Some(r.id) {
                         break Err(not_leader(leader_of(&r.raft)));
                     }
                     continue;

@@ -216,8 +216,8 @@ pub async fn run(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // A replica whose Raft core has stopped (a storage failure, a broken invariant) must not
     // go on answering as if it were healthy: stop the process, so a supervisor restarts it.
-    let mut metrics = raft.metrics();
-    let core_stopped = async move { while metrics.changed().await.is_ok() {} };
+    let mut server_metrics = raft.server_metrics();
+    let core_stopped = async move { while server_metrics.changed().await.is_ok() {} };
     let mut core_failed = false;
     let stop = async {
         tokio::select! {

@@ -179,6 +179,20 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP: the replica freezes with its connections open, as a partitioned or stalled
+    /// machine does; `resume` (SIGCONT) lets it run on, unaware of what it missed.
+    pub fn pause(&self, id: u64) {
+        if let Some(pid) = self.pid(id) {
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn resume(&self, id: u64) {
+        if let Some(pid) = self.pid(id) {
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
+    }
+
     pub fn log(&self, id: u64) -> String {
         std::fs::read_to_string(&self.replicas[&id].log).unwrap_or_default()
     }
@@ -198,8 +212,13 @@ impl Cluster {
 
     /// Runs domadm against every replica's address.
     pub fn domadm(&self, args: &[&str]) -> Output {
+        self.domadm_at(&self.endpoints(), args)
+    }
+
+    /// Runs domadm against the replicas at `endpoints` only.
+    pub fn domadm_at(&self, endpoints: &str, args: &[&str]) -> Output {
         Command::new(bin("domadm"))
-            .args(["--endpoints", &self.endpoints()])
+            .args(["--endpoints", endpoints])
             .env("USER", "tester")
             .args(args)
             .stdin(Stdio::null())

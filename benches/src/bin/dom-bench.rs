@@ -664,6 +664,13 @@ fn agents_bench(n: usize, files: u64) {
     let connect_compliant_s = runtime.block_on(agents::wait_compliant(&addrs, "bench/1", n, limit));
     let leader_pid = cluster.pid(cluster.wait_leader(None)).expect("leader pid");
     let rss_connected = agents::rss_bytes(leader_pid);
+    // What N compliant machines cost the leader while nothing changes: heartbeats and
+    // keepalives only, so it should stay near what an idle cluster costs.
+    let idle_cpu_before = agents::cpu_seconds(leader_pid);
+    let idle_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let leader_idle_cpu_percent = 100.0 * (agents::cpu_seconds(leader_pid) - idle_cpu_before)
+        / idle_started.elapsed().as_secs_f64();
     let cpu_before = agents::cpu_seconds(leader_pid);
 
     counters.plans.store(0, Ordering::SeqCst);
@@ -718,6 +725,7 @@ fn agents_bench(n: usize, files: u64) {
         rss_connected >> 20,
         rss_peak >> 20
     );
+    println!("  leader CPU with all {n} compliant and nothing changing: {leader_idle_cpu_percent:.1}% of a core");
     println!("  bytes a compliant agent sends to reconnect (hello + description): {reconnect_bytes_per_agent}");
     println!(
         "  leader SIGKILLed -> all compliant on the new leader: {failover_to_compliant_s:.2} s"
@@ -735,6 +743,7 @@ fn agents_bench(n: usize, files: u64) {
             "leader_rss_before_agents_bytes": rss_fleet,
             "leader_rss_connected_bytes": rss_connected,
             "leader_cpu_s": leader_cpu_s,
+            "leader_idle_cpu_percent": leader_idle_cpu_percent,
             "reconnect_bytes_per_agent": reconnect_bytes_per_agent,
             "failover_to_compliant_s": failover_to_compliant_s,
         })
