@@ -96,15 +96,45 @@ async fn sync(
 const AGENTS_PER_CONNECTION: usize = 100;
 
 /// What every simulated agent reports into.
-#[derive(Default)]
 pub struct Counters {
-    /// Agents that received a Fetch since `plans_since` was reset.
+    /// Agents that received a Fetch since `plans` was reset.
     pub plans: AtomicUsize,
     /// Nanoseconds since the bench's start when the last plan arrived.
     pub last_plan_ns: AtomicU64,
+    /// Per agent: nanoseconds since the bench's start when its latest plan arrived.
+    pub plan_ns: Vec<AtomicU64>,
     /// Bytes of hello + description sent on the latest (re)connection of each agent, summed.
     pub connect_bytes: AtomicU64,
     pub connects: AtomicU64,
+}
+
+impl Counters {
+    pub fn new(agents: usize) -> Counters {
+        Counters {
+            plans: AtomicUsize::new(0),
+            last_plan_ns: AtomicU64::new(0),
+            plan_ns: (0..agents).map(|_| AtomicU64::new(0)).collect(),
+            connect_bytes: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    /// When the first, the median and the last agent got its plan, `since` the bench's
+    /// start (plans that arrived before `since` count as at `since`).
+    pub fn plan_spread(&self, since: Duration) -> [Duration; 3] {
+        let mut at: Vec<Duration> = self
+            .plan_ns
+            .iter()
+            .map(|t| Duration::from_nanos(t.load(Ordering::Relaxed)).saturating_sub(since))
+            .collect();
+        at.sort_unstable();
+        let pick = |i: usize| at.get(i).copied().unwrap_or_default();
+        [
+            pick(0),
+            pick(at.len() / 2),
+            pick(at.len().saturating_sub(1)),
+        ]
+    }
 }
 
 /// The image roots the agents report, by name.
@@ -207,9 +237,11 @@ pub async fn agent(i: usize, hostname: String, mut base: String, sim: Arc<Sim>) 
             match message.body {
                 Some(Body::Fetch(f)) => {
                     counters.plans.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .last_plan_ns
-                        .fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let at = start.elapsed().as_nanos() as u64;
+                    counters.last_plan_ns.fetch_max(at, Ordering::Relaxed);
+                    if let Some(t) = counters.plan_ns.get(i) {
+                        t.store(at, Ordering::Relaxed);
+                    }
                     let total: u64 = f.objects.iter().map(|o| o.size).sum();
                     let _ = tx
                         .send(pb::AgentMessage {

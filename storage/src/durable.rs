@@ -31,6 +31,18 @@ pub enum StoreError {
     Format { found: u32, expected: u32 },
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error("storage task stopped: {0}")]
+    Task(String),
+}
+
+/// Runs blocking storage work on tokio's blocking threads, so that file I/O and long folds
+/// never hold a runtime thread (and the Raft tasks on it).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
 impl From<sled::Error> for StoreError {

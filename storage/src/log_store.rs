@@ -13,7 +13,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, RaftLogId, StorageIOError};
 
-use crate::durable::{decode, encode, Durable, StoreError};
+use crate::durable::{blocking, decode, encode, Durable, StoreError};
 use crate::keys::LogKey;
 use crate::raft_wal::RaftWal;
 use crate::types::{Entry, Events, LogId, StorageError, TypeConfig, Vote};
@@ -136,9 +136,7 @@ impl LogStore {
 
     async fn sync(&self) -> Result<(), StoreError> {
         let durable = self.durable.clone();
-        tokio::task::spawn_blocking(move || durable.sync())
-            .await
-            .map_err(|e| StoreError::Snapshot(format!("sync task failed: {e}")))?
+        blocking(move || durable.sync()).await
     }
 
     /// Runs a blocking call on the log's files off the runtime's threads.
@@ -147,9 +145,7 @@ impl LogStore {
         f: impl FnOnce(&RaftWal) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<(), StoreError> {
         let wal = self.wal.clone();
-        tokio::task::spawn_blocking(move || f(&wal))
-            .await
-            .map_err(|e| StoreError::Snapshot(format!("raft log task failed: {e}")))?
+        blocking(move || f(&wal)).await
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId>, StoreError> {

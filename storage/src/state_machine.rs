@@ -25,7 +25,7 @@ use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogId, StorageIOError};
 use tokio::sync::watch;
 
 use crate::audit_index::{self, BlockIndex};
-use crate::durable::{decode, encode, sync_dir, Durable, StoreError};
+use crate::durable::{blocking, decode, encode, sync_dir, Durable, StoreError};
 use crate::event::Event;
 use crate::fleet::{FleetState, Image, Machine, Policy, Touched};
 use crate::journal::{self, JournalHead, JournalRecord};
@@ -928,14 +928,6 @@ impl<R: std::io::Read, W: std::io::Write> std::io::Read for Tee<R, W> {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Snapshot(format!("blocking task failed: {e}")))?
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
@@ -949,7 +941,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.shared.apply(entries).map_err(sm_write)
+        // Off the runtime's threads: a batch naming 10,000 machines takes a while to fold and
+        // write, and on the thread of openraft's core it held heartbeats back long enough
+        // for followers to call elections.
+        let shared = self.shared.clone();
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        blocking(move || shared.apply(entries))
+            .await
+            .map_err(sm_write)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -88,11 +88,24 @@ pub struct Cluster {
     pub replicas: BTreeMap<u64, Replica>,
     peers: String,
     extra_args: Vec<String>,
+    /// Tests shorten Raft's heartbeat and election timeout; benchmarks keep domd's own.
+    fast_elections: bool,
 }
 
 impl Cluster {
     /// Starts `n` replicas on fresh data dirs, with extra `domd` flags.
     pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
+        Cluster::start_timed(n, extra_args, true)
+    }
+
+    /// Starts `n` replicas with domd's own Raft timing (heartbeat 100 ms, election timeout
+    /// 1-2 s), as an operator runs it: for benchmarks, where a loaded machine must not be
+    /// mistaken for a dead leader.
+    pub fn start_with_default_timing(n: u64, extra_args: &[&str]) -> Cluster {
+        Cluster::start_timed(n, extra_args, false)
+    }
+
+    fn start_timed(n: u64, extra_args: &[&str], fast_elections: bool) -> Cluster {
         let dir = TempDir::new().expect("temp dir");
         let replicas: BTreeMap<u64, Replica> = (1..=n)
             .map(|id| {
@@ -116,6 +129,7 @@ impl Cluster {
             replicas,
             peers,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            fast_elections,
         };
         for id in 1..=n {
             cluster.spawn(id);
@@ -136,9 +150,12 @@ impl Cluster {
                 &self.peers,
                 "--data-dir",
             ])
-            .arg(&replica.data_dir)
-            .args(["--heartbeat-ms", "50", "--election-timeout-ms", "500"])
-            .args(&self.extra_args);
+            .arg(&replica.data_dir);
+        if self.fast_elections {
+            // Tests fail over in a fraction of a second instead of one or two.
+            command.args(["--heartbeat-ms", "50", "--election-timeout-ms", "500"]);
+        }
+        command.args(&self.extra_args);
         command
     }
 

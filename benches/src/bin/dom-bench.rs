@@ -246,7 +246,7 @@ fn ingest(bytes: u64, files: u64) {
     let real_bytes = bytes / files.max(1) * files;
 
     let baseline = tar_b3sum(&tree);
-    let cluster = Cluster::start(3, &[]);
+    let cluster = Cluster::start_with_default_timing(3, &[]);
     cluster.wait_leader(None);
     let add = |name: &str| {
         let start = Instant::now();
@@ -608,7 +608,7 @@ fn agents_bench(n: usize, files: u64) {
     for v in 1..=2u32 {
         small_tree(&work.path().join(format!("v{v}")), files, v, 100).expect("generate tree");
     }
-    let mut cluster = Cluster::start(3, &[]);
+    let mut cluster = Cluster::start_with_default_timing(3, &[]);
     cluster.wait_leader(None);
     let mut roots = std::collections::HashMap::new();
     for v in 1..=2 {
@@ -647,7 +647,7 @@ fn agents_bench(n: usize, files: u64) {
         controllers: addrs.clone(),
         connections: Connections::new(&addrs, n),
         roots: Arc::new(std::sync::Mutex::new(roots)),
-        counters: Counters::default(),
+        counters: Counters::new(n),
         start: Instant::now(),
     });
     let (counters, start) = (&sim.counters, sim.start);
@@ -693,6 +693,7 @@ fn agents_bench(n: usize, files: u64) {
     }
     let last_plan = Duration::from_nanos(counters.last_plan_ns.load(Ordering::SeqCst));
     let assign_to_last_plan_s = last_plan.saturating_sub(assign_start).as_secs_f64();
+    let [first_plan, median_plan, _] = counters.plan_spread(assign_start);
     runtime.block_on(agents::wait_compliant(&addrs, "bench/2", n, limit));
     let rollout_s = (start.elapsed() - assign_start).as_secs_f64();
     rss_peak = rss_peak.max(agents::rss_bytes(leader_pid));
@@ -717,7 +718,11 @@ fn agents_bench(n: usize, files: u64) {
 
     println!("{n} simulated agents, image of {files} files, 3 replicas on loopback:");
     println!("  all connected and compliant:           {connect_compliant_s:.2} s");
-    println!("  assign (all) to the last agent's plan: {assign_to_last_plan_s:.3} s");
+    println!(
+        "  assign (all) to the first, median, last agent's plan: {:.3}, {:.3}, {assign_to_last_plan_s:.3} s",
+        first_plan.as_secs_f64(),
+        median_plan.as_secs_f64()
+    );
     println!("  assign (all) to all compliant again:   {rollout_s:.2} s");
     println!(
         "  leader RSS: {} MiB before any agent, {} MiB connected, {} MiB peak; leader CPU during the rollout: {leader_cpu_s:.2} s",
@@ -738,6 +743,8 @@ fn agents_bench(n: usize, files: u64) {
             "files": files,
             "connect_compliant_s": connect_compliant_s,
             "assign_to_last_plan_s": assign_to_last_plan_s,
+            "assign_to_first_plan_s": first_plan.as_secs_f64(),
+            "assign_to_median_plan_s": median_plan.as_secs_f64(),
             "rollout_s": rollout_s,
             "leader_rss_bytes": rss_peak,
             "leader_rss_before_agents_bytes": rss_fleet,
@@ -756,7 +763,7 @@ fn writes_bench(levels: &[usize], seconds: u64) {
     use std::time::Duration;
 
     let most = levels.iter().copied().max().unwrap_or(1);
-    let cluster = Cluster::start(3, &[]);
+    let cluster = Cluster::start_with_default_timing(3, &[]);
     let leader = cluster.wait_leader(None);
     let work = tempfile::tempdir().expect("temp dir");
     import_machines(
