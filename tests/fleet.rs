@@ -138,15 +138,9 @@ fn agents_of_a_deposed_leader_move_to_the_new_one() {
     // Frozen past the election timeout, the leader is replaced; thawed, it still holds the
     // agents' streams and learns only from its peers that it no longer leads.
     cluster.pause(old);
-    let peers: Vec<String> = cluster
-        .replicas
-        .values()
-        .filter(|r| r.id != old)
-        .map(|r| r.addr.clone())
-        .collect();
+    let peers = cluster.addrs_except(old).join(",");
     let new = dom_tests::wait_for("a new leader", Duration::from_secs(30), || {
-        let out = cluster.domadm_at(&peers.join(","), &["cluster", "status", "-o", "json"]);
-        let leader = serde_json::from_slice::<Value>(&out.stdout).ok()?["leader"].as_u64()?;
+        let leader = cluster.status_at(&peers)?["leader"].as_u64()?;
         (leader != old).then_some(leader)
     });
     cluster.resume(old);

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use dom_proto::frame::{grpc_encode, grpc_len, GRPC_PREFIX};
 use dom_proto::v1 as pb;
 use dom_proto::v1::admin_client::AdminClient;
 use prost::bytes::{Buf, Bytes};
@@ -93,14 +94,7 @@ impl tonic::codegen::Body for Outbound {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         self.0.poll_recv(cx).map(|message| {
-            message.map(|m| {
-                let len = m.encoded_len();
-                let mut frame = Vec::with_capacity(5 + len);
-                frame.push(0);
-                frame.extend_from_slice(&(len as u32).to_be_bytes());
-                m.encode(&mut frame).expect("a Vec grows as needed");
-                Ok(http_body::Frame::data(Bytes::from(frame)))
-            })
+            message.map(|m| Ok(http_body::Frame::data(Bytes::from(grpc_encode(&m)))))
         })
     }
 }
@@ -149,13 +143,13 @@ impl Inbound {
     /// The next message; None when the stream ended or broke (the agent then reconnects).
     pub async fn message(&mut self) -> Option<view::ControllerMessage> {
         loop {
-            if self.buffered >= 5 {
-                let mut header = [0u8; 5];
-                Chunks(&mut self.chunks, &mut self.buffered).chunk_prefix(&mut header);
-                let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-                if self.buffered >= 5 + len {
+            if self.buffered >= GRPC_PREFIX {
+                let mut prefix = [0u8; GRPC_PREFIX];
+                Chunks(&mut self.chunks, &mut self.buffered).chunk_prefix(&mut prefix);
+                let len = grpc_len(prefix);
+                if self.buffered >= GRPC_PREFIX + len {
                     let mut buf = Chunks(&mut self.chunks, &mut self.buffered);
-                    buf.advance(5);
+                    buf.advance(GRPC_PREFIX);
                     return view::ControllerMessage::decode((&mut buf).take(len)).ok();
                 }
             }
@@ -230,8 +224,6 @@ const AGENTS_PER_CONNECTION: usize = 100;
 pub struct Counters {
     /// Agents that received a Fetch since `plans` was reset.
     pub plans: AtomicUsize,
-    /// Nanoseconds since the bench's start when the last plan arrived.
-    pub last_plan_ns: AtomicU64,
     /// Per agent: nanoseconds since the bench's start when its latest plan arrived.
     pub plan_ns: Vec<AtomicU64>,
     /// Bytes of hello + description sent on the latest (re)connection of each agent, summed.
@@ -243,7 +235,6 @@ impl Counters {
     pub fn new(agents: usize) -> Counters {
         Counters {
             plans: AtomicUsize::new(0),
-            last_plan_ns: AtomicU64::new(0),
             plan_ns: (0..agents).map(|_| AtomicU64::new(0)).collect(),
             connect_bytes: AtomicU64::new(0),
             connects: AtomicU64::new(0),
@@ -368,10 +359,8 @@ pub async fn agent(i: usize, hostname: String, mut base: String, sim: Arc<Sim>) 
             match message.body {
                 Some(Body::Fetch(f)) => {
                     counters.plans.fetch_add(1, Ordering::Relaxed);
-                    let at = start.elapsed().as_nanos() as u64;
-                    counters.last_plan_ns.fetch_max(at, Ordering::Relaxed);
                     if let Some(t) = counters.plan_ns.get(i) {
-                        t.store(at, Ordering::Relaxed);
+                        t.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     }
                     let total: u64 = f.objects.iter().map(|o| o.size).sum();
                     let _ = tx
@@ -559,16 +548,14 @@ mod tests {
                 ..Default::default()
             }),
         ];
-        let mut wire = Vec::new();
-        for body in &messages {
-            let bytes = pb::ControllerMessage {
-                body: Some(body.clone()),
-            }
-            .encode_to_vec();
-            wire.push(0);
-            wire.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            wire.extend_from_slice(&bytes);
-        }
+        let wire: Vec<u8> = messages
+            .iter()
+            .flat_map(|body| {
+                grpc_encode(&pb::ControllerMessage {
+                    body: Some(body.clone()),
+                })
+            })
+            .collect();
         for size in [1, 3, 5, 7, 1000, wire.len()] {
             let chunks = wire.chunks(size).map(Bytes::copy_from_slice).collect();
             let mut inbound = Inbound {

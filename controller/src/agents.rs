@@ -794,7 +794,7 @@ impl Session {
                     self.seen = Some(inputs);
                 }
                 changed = server.changed() => {
-                    if changed.is_err() || server.borrow_and_update().current_leader != Some(r.id) {
+                    if changed.is_err() || !r.is_leader() {
                         break Err(not_leader(leader_of(&r.raft)));
                     }
                     continue;

@@ -117,10 +117,7 @@ impl ControllerFrame {
             Repr::Spliced { head, .. } => head.len(),
         };
         let mut first = Vec::with_capacity(GRPC_PREFIX + own);
-        // Not compressed, then the length as u32 big-endian; a frame is one plan page, far
-        // below 4 GiB.
-        first.push(0);
-        first.extend_from_slice(&(len as u32).to_be_bytes());
+        first.extend_from_slice(&grpc_prefix(len));
         match self.0 {
             Repr::Whole(message) => {
                 message.encode_raw(&mut first);
@@ -154,7 +151,28 @@ impl From<v1::controller_message::Body> for ControllerFrame {
 }
 
 /// Bytes before each gRPC message: a compression flag and the length.
-const GRPC_PREFIX: usize = 5;
+pub const GRPC_PREFIX: usize = 5;
+
+/// The prefix of an uncompressed gRPC message of `len` bytes: the flag, then the length as
+/// u32 big-endian (a message here is at most one plan page, far below 4 GiB).
+pub fn grpc_prefix(len: usize) -> [u8; GRPC_PREFIX] {
+    let [a, b, c, d] = (len as u32).to_be_bytes();
+    [0, a, b, c, d]
+}
+
+/// The length a gRPC message prefix gives.
+pub fn grpc_len(prefix: [u8; GRPC_PREFIX]) -> usize {
+    u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize
+}
+
+/// `message` as gRPC puts it on the wire, uncompressed: its prefix, then its bytes.
+pub fn grpc_encode(message: &impl Message) -> Vec<u8> {
+    let len = message.encoded_len();
+    let mut wire = Vec::with_capacity(GRPC_PREFIX + len);
+    wire.extend_from_slice(&grpc_prefix(len));
+    message.encode_raw(&mut wire);
+    wire
+}
 
 /// The leader's `Agent` service, serving `Sync` without tonic's codec on the way out.
 ///
@@ -441,7 +459,7 @@ mod tests {
             let (first, rest) = frame.into_grpc();
             assert_eq!(first[0], 0, "not compressed");
             assert_eq!(
-                u32::from_be_bytes(first[1..5].try_into().unwrap()) as usize,
+                grpc_len(first[..GRPC_PREFIX].try_into().unwrap()),
                 message.len()
             );
             let mut wire = first[5..].to_vec();

@@ -219,6 +219,15 @@ impl Cluster {
         self.replicas[&id].child.as_ref().map(Child::id)
     }
 
+    /// The addresses of every replica but `id`.
+    pub fn addrs_except(&self, id: u64) -> Vec<String> {
+        self.replicas
+            .values()
+            .filter(|r| r.id != id)
+            .map(|r| r.addr.clone())
+            .collect()
+    }
+
     pub fn endpoints(&self) -> String {
         self.replicas
             .values()
@@ -257,7 +266,12 @@ impl Cluster {
     }
 
     pub fn status(&self) -> Option<Value> {
-        let out = self.domadm(&["cluster", "status", "-o", "json"]);
+        self.status_at(&self.endpoints())
+    }
+
+    /// `domadm cluster status` as the replicas at `endpoints` answer it.
+    pub fn status_at(&self, endpoints: &str) -> Option<Value> {
+        let out = self.domadm_at(endpoints, &["cluster", "status", "-o", "json"]);
         out.status
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())

@@ -691,9 +691,8 @@ fn agents_bench(n: usize, files: u64) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let last_plan = Duration::from_nanos(counters.last_plan_ns.load(Ordering::SeqCst));
-    let assign_to_last_plan_s = last_plan.saturating_sub(assign_start).as_secs_f64();
-    let [first_plan, median_plan, _] = counters.plan_spread(assign_start);
+    let [first_plan, median_plan, last_plan] = counters.plan_spread(assign_start);
+    let assign_to_last_plan_s = last_plan.as_secs_f64();
     runtime.block_on(agents::wait_compliant(&addrs, "bench/2", n, limit));
     let rollout_s = (start.elapsed() - assign_start).as_secs_f64();
     rss_peak = rss_peak.max(agents::rss_bytes(leader_pid));
@@ -705,12 +704,7 @@ fn agents_bench(n: usize, files: u64) {
     let leader = cluster.wait_leader(None);
     let killed = Instant::now();
     cluster.kill(leader);
-    let others: Vec<String> = cluster
-        .replicas
-        .values()
-        .filter(|r| r.id != leader)
-        .map(|r| r.addr.clone())
-        .collect();
+    let others = cluster.addrs_except(leader);
     runtime.block_on(agents::wait_compliant(&others, "bench/2", n, limit));
     let failover_to_compliant_s = killed.elapsed().as_secs_f64();
     let connects = counters.connects.load(Ordering::SeqCst).max(1);
