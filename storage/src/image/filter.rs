@@ -1,5 +1,7 @@
 //! Dominator filter files: one regular expression a line, matched against the whole path.
 
+use std::sync::Arc;
+
 use regex::RegexSet;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -11,8 +13,14 @@ pub struct FilterError {
 }
 
 /// Paths an image leaves alone.
+///
+/// Shared, not copied, when cloned: every machine's soft state and every plan toward an
+/// image holds one, and a compiled set's clone would allocate caches of its own.
 #[derive(Debug, Clone)]
-pub struct Filter {
+pub struct Filter(Arc<Compiled>);
+
+#[derive(Debug)]
+struct Compiled {
     lines: Vec<String>,
     set: RegexSet,
 }
@@ -58,16 +66,16 @@ impl Filter {
                 pattern: String::new(),
                 reason: e.to_string(),
             })?;
-        Ok(Filter { lines, set })
+        Ok(Filter(Arc::new(Compiled { lines, set })))
     }
 
     pub fn lines(&self) -> &[String] {
-        &self.lines
+        &self.0.lines
     }
 
     /// Whether `path` (absolute, as in a manifest) is left alone.
     pub fn excludes(&self, path: &str) -> bool {
-        self.set.is_match(path)
+        self.0.set.is_match(path)
     }
 }
 
