@@ -181,25 +181,22 @@ async fn shutdown() {
     }
 }
 
-fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+// Returns rather than exits, so the log's queued lines are written out on the way.
+fn main() -> std::process::ExitCode {
+    let _log = dom_proto::logging::init("info");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("subd: cannot start the runtime: {e}");
-            std::process::exit(1);
+            return std::process::ExitCode::FAILURE;
         }
     };
-    if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("subd: {e:#}");
-        std::process::exit(1);
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -128,14 +128,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into()),
-        )
-        .init();
+    let _log = dom_proto::logging::init("info,openraft=warn,sled=warn,h2=warn,tower=warn");
     let result = async {
         let config = config(Args::parse())?;
         replica::run(config, shutdown_signal()).await?;

@@ -1,10 +1,11 @@
 //! dom's wire contract: every event, Raft message and admin call, generated from `dom/v1/*.proto`.
 //!
-//! Only generated code lives here, and the framing that lets the leader send a plan encoded
-//! once to many machines (`frame`). Conversions to domain types sit beside those types
+//! Only generated code lives here, the framing that lets the leader send a plan encoded
+//! once to many machines (`frame`), and the log set-up every binary shares (`logging`). Conversions to domain types sit beside those types
 //! (`dom_storage::event`, `dom_storage::raft_wire`), so prost types never reach the fleet state.
 
 pub mod frame;
+pub mod logging;
 
 pub mod v1 {
     tonic::include_proto!("dom.v1");
