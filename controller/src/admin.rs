@@ -17,7 +17,7 @@ use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
 use crate::network::channel;
-use crate::objects::{ensure_on_majority, load_manifest};
+use crate::objects::{ensure_on_majority, Manifests};
 use crate::proposer::Proposer;
 use dom_storage::event::Change;
 use dom_storage::objects::{to_hex, ObjectStore};
@@ -31,6 +31,7 @@ pub struct AdminService {
     pub raft: Raft,
     pub view: FleetView,
     pub objects: ObjectStore,
+    pub manifests: std::sync::Arc<Manifests>,
     pub reconciler: std::sync::Arc<crate::agents::Reconciler>,
     pub proposer: Proposer,
 }
@@ -176,12 +177,10 @@ impl AdminService {
         let manifest_hash =
             manifest_hash.ok_or_else(|| Status::invalid_argument("an image needs a manifest"))?;
         let voters = self.voters();
-        let peers: BTreeMap<NodeId, String> = voters
-            .iter()
-            .filter(|(id, _)| **id != self.id)
-            .map(|(i, a)| (*i, a.clone()))
-            .collect();
-        let (manifest, _) = load_manifest(&self.objects, &peers, &manifest_hash).await?;
+        // Decoded into the replica's shared cache: the plans of the rollout that follows
+        // find it there.
+        let loaded = self.manifests.get(&manifest_hash).await?;
+        let manifest = &loaded.manifest;
         let filter = dom_storage::image::Filter::new(filter.clone())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let computed = manifest.root_hash_where(|path| !filter.excludes(path));

@@ -22,7 +22,6 @@ use dom_proto::v1 as pb;
 use dom_storage::event::Hash;
 use dom_storage::image::{entry_from_pb, entry_to_pb, is_normalized, Entry, Filter, Manifest};
 use dom_storage::names::canonical_hostname;
-use dom_storage::objects::ObjectStore;
 use dom_storage::plan::{self, Plan, Step, Target, Transition};
 use dom_storage::state_machine::FleetView;
 use dom_storage::types::{NodeId, Raft};
@@ -31,7 +30,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::admin::{leader_of, not_leader};
-use crate::objects::load_manifest;
+use crate::cache::{cached_sure, Cache};
+use crate::objects::{LoadedManifest, Manifests};
 use crate::proposer::Proposer;
 use crate::reconcile::{self, Decision, LogInputs, MachineView, Outcome, UpdateSummary, Work};
 
@@ -42,7 +42,6 @@ pub const CONTROLLER_ACTOR: &str = "domd";
 const STEPS_PER_PAGE: usize = 5_000;
 /// How long an agent may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-const MANIFEST_CACHE: usize = 16;
 const TRANSITION_CACHE: usize = 64;
 
 pub fn now_unix_ms() -> i64 {
@@ -52,73 +51,16 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A small map of values that are costly to make, which forgets an arbitrary entry when full
-/// (manifests, transitions and plans are cheap to rebuild and few are live at once). Askers
-/// for the same key wait for one maker rather than each making it: at a fleet-wide
-/// assignment, thousands of sessions ask for the same manifest and plan in the same instant.
-struct Cache<K, V> {
-    map: HashMap<K, Arc<tokio::sync::OnceCell<Arc<V>>>>,
-    capacity: usize,
-}
-
-impl<K: std::hash::Hash + Eq + Clone, V> Cache<K, V> {
-    fn new(capacity: usize) -> Self {
-        Cache {
-            map: HashMap::new(),
-            capacity,
-        }
-    }
-
-    fn cell(&mut self, key: &K) -> Arc<tokio::sync::OnceCell<Arc<V>>> {
-        if let Some(cell) = self.map.get(key) {
-            return cell.clone();
-        }
-        if self.map.len() >= self.capacity {
-            if let Some(victim) = self.map.keys().next().cloned() {
-                self.map.remove(&victim);
-            }
-        }
-        let cell = Arc::new(tokio::sync::OnceCell::new());
-        self.map.insert(key.clone(), cell.clone());
-        cell
-    }
-}
-
-/// The value for `key`, made by `make` unless it is cached or being made; a failure is not
-/// cached, so the next asker tries again.
-async fn cached<K, V, E, F>(cache: &Mutex<Cache<K, V>>, key: &K, make: F) -> Result<Arc<V>, E>
-where
-    K: std::hash::Hash + Eq + Clone,
-    F: std::future::Future<Output = Result<V, E>>,
-{
-    let cell = cache.lock().unwrap_or_else(|p| p.into_inner()).cell(key);
-    cell.get_or_try_init(|| async { make.await.map(Arc::new) })
-        .await
-        .cloned()
-}
-
-/// [`cached`] for values whose making cannot fail.
-async fn cached_sure<K, V>(cache: &Mutex<Cache<K, V>>, key: &K, make: impl FnOnce() -> V) -> Arc<V>
-where
-    K: std::hash::Hash + Eq + Clone,
-{
-    let made: Result<_, std::convert::Infallible> = cached(cache, key, async { Ok(make()) }).await;
-    let Ok(value) = made;
-    value
-}
-
 /// The leader's reconciler: soft state for every machine, and the shared caches.
 pub struct Reconciler {
     id: NodeId,
     raft: Raft,
     proposer: Proposer,
     view: FleetView,
-    objects: ObjectStore,
-    peers: std::collections::BTreeMap<NodeId, String>,
+    manifests: Arc<Manifests>,
     machines: Mutex<SoftState>,
     /// The newest session per hostname; an older one for the same machine stops.
     sessions: Mutex<HashMap<String, u64>>,
-    manifests: Mutex<Cache<Hash, LoadedManifest>>,
     transitions: Mutex<Cache<(Option<Hash>, Hash), Transition>>,
     /// Plans for machines exactly on their base.
     plans: Mutex<Cache<SharedPlanKey, EncodedPlan>>,
@@ -185,12 +127,6 @@ pub use crate::reconcile::BRAKE_WINDOW_MS;
 /// triggers, and an image name is never reused.
 type SharedPlanKey = (Option<Hash>, String, Vec<String>);
 
-/// A manifest with the size of its object, which agents fetch with the rest.
-struct LoadedManifest {
-    manifest: Manifest,
-    size: u64,
-}
-
 /// An image as a plan target: its manifest and what it leaves alone.
 struct TargetImage {
     name: String,
@@ -206,19 +142,16 @@ impl Reconciler {
         raft: Raft,
         proposer: Proposer,
         view: FleetView,
-        objects: ObjectStore,
-        peers: std::collections::BTreeMap<NodeId, String>,
+        manifests: Arc<Manifests>,
     ) -> Arc<Reconciler> {
         Arc::new(Reconciler {
             id,
             raft,
             proposer,
             view,
-            objects,
-            peers,
+            manifests,
             machines: Mutex::new(SoftState::default()),
             sessions: Mutex::new(HashMap::new()),
-            manifests: Mutex::new(Cache::new(MANIFEST_CACHE)),
             transitions: Mutex::new(Cache::new(TRANSITION_CACHE)),
             plans: Mutex::new(Cache::new(TRANSITION_CACHE)),
             filters: Mutex::new(HashMap::new()),
@@ -261,17 +194,6 @@ impl Reconciler {
         (term << 32) | (self.next_plan.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff)
     }
 
-    async fn manifest(&self, hash: &Hash) -> Result<Arc<LoadedManifest>, Status> {
-        cached(&self.manifests, hash, async {
-            // Boxed: fetching from peers is a large future, and rarely needed; inlined, it
-            // would weigh on every session waiting in a plan.
-            let (manifest, size) =
-                Box::pin(load_manifest(&self.objects, &self.peers, hash)).await?;
-            Ok(LoadedManifest { manifest, size })
-        })
-        .await
-    }
-
     async fn transition(
         &self,
         base: Option<(&Hash, &Manifest)>,
@@ -302,7 +224,7 @@ impl Reconciler {
         Ok(Some(TargetImage {
             name: image.name,
             manifest_hash,
-            manifest: self.manifest(&manifest_hash).await?,
+            manifest: self.manifests.get(&manifest_hash).await?,
             filter,
             triggers: image.triggers,
         }))
@@ -1087,18 +1009,23 @@ impl Session {
         preload: bool,
     ) -> Result<(), Status> {
         let r = self.reconciler.clone();
-        let Some(target) = r.target_image(image).await? else {
+        // Both manifests are loaded at once when neither is in the cache yet.
+        let (target, base) = tokio::join!(r.target_image(image), async {
+            match view.base_image.as_deref() {
+                None => None,
+                Some(name) => Some(r.target_image(name).await),
+            }
+        });
+        let Some(target) = target? else {
             tracing::warn!(host = %self.hostname, %image, "required image is missing, deleted or has no manifest");
             return Ok(());
         };
         // The base as the agent holds it; if it is gone (deleted and collected), ask the agent
         // to describe itself against the target instead.
-        let base = match view.base_image.as_deref() {
+        let base = match base {
             None => None,
-            Some(name) => match r.target_image(name).await {
-                Ok(Some(b)) => Some(b),
-                _ => return self.rebase(image).await,
-            },
+            Some(Ok(Some(b))) => Some(b),
+            Some(_) => return self.rebase(image).await,
         };
         let transition = r
             .transition(

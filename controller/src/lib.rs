@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod cache;
 pub mod network;
 pub mod objects;
 pub mod proposer;

@@ -23,6 +23,7 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::cache::{cached, Cache};
 use crate::network::channel;
 
 /// Chunk size for object streams.
@@ -303,23 +304,76 @@ pub async fn fill_from_peers(
 }
 
 /// The manifest of an image, read from the local store, fetched from peers if need be.
-pub async fn load_manifest(
+/// Reads and decodes manifest `hash`, fetching it from `peers` if this replica lacks it.
+/// The decode (tens of milliseconds for a large image) runs on a blocking thread, off the
+/// runtime that serves agents and Raft.
+async fn load_manifest(
     store: &ObjectStore,
     peers: &BTreeMap<NodeId, String>,
     hash: &Hash,
-) -> Result<(Manifest, u64), Status> {
+) -> Result<LoadedManifest, Status> {
     if !store.contains(hash) && !fill_from_peers(store, peers, &[*hash]).await.is_empty() {
         return Err(Status::failed_precondition(format!(
             "manifest {} is on no reachable replica; upload it first",
             to_hex(hash)
         )));
     }
-    let bytes = tokio::fs::read(store.path(hash))
+    let path = store.path(hash);
+    let hash = *hash;
+    tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(path).map_err(|e| Status::internal(e.to_string()))?;
+        Manifest::decode(&bytes)
+            .map(|manifest| LoadedManifest {
+                manifest,
+                size: bytes.len() as u64,
+            })
+            .map_err(|e| Status::invalid_argument(format!("manifest {}: {e}", to_hex(&hash))))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("manifest decode: {e}")))?
+}
+
+/// A manifest with the size of its object, which agents fetch with the rest.
+pub struct LoadedManifest {
+    pub manifest: Manifest,
+    pub size: u64,
+}
+
+/// Decoded manifests, shared by everything on a replica that reads them: the check of an
+/// image before it commits, the refiller when it arrives, and every plan toward it or from
+/// it. An image is thus decoded once, when it is added, and a fleet-wide assignment finds
+/// its manifest ready (on a replica that becomes leader later too).
+pub struct Manifests {
+    store: ObjectStore,
+    /// Where to fetch a manifest this replica lacks.
+    peers: BTreeMap<NodeId, String>,
+    cache: std::sync::Mutex<Cache<Hash, LoadedManifest>>,
+}
+
+/// Manifests kept decoded; a 40,000-file image takes about 6 MiB.
+const MANIFEST_CACHE: usize = 16;
+
+impl Manifests {
+    pub fn new(store: ObjectStore, self_id: NodeId, peers: &BTreeMap<NodeId, String>) -> Self {
+        Manifests {
+            store,
+            peers: peers
+                .iter()
+                .filter(|(id, _)| **id != self_id)
+                .map(|(i, a)| (*i, a.clone()))
+                .collect(),
+            cache: std::sync::Mutex::new(Cache::new(MANIFEST_CACHE)),
+        }
+    }
+
+    pub async fn get(&self, hash: &Hash) -> Result<Arc<LoadedManifest>, Status> {
+        // Boxed: fetching from peers is a large future, and rarely needed; inlined, it would
+        // weigh on every session waiting in a plan.
+        cached(&self.cache, hash, async {
+            Box::pin(load_manifest(&self.store, &self.peers, hash)).await
+        })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-    Manifest::decode(&bytes)
-        .map(|m| (m, bytes.len() as u64))
-        .map_err(|e| Status::invalid_argument(format!("manifest {}: {e}", to_hex(hash))))
+    }
 }
 
 const PUSH_TIMEOUT: Duration = Duration::from_secs(600);
@@ -423,6 +477,7 @@ async fn referenced(store: &ObjectStore, view: &FleetView) -> Option<HashSet<Has
 /// Background duties of a replica's object store: refill from peers, collect garbage.
 pub struct Maintenance {
     pub store: ObjectStore,
+    pub manifests: Arc<Manifests>,
     pub view: FleetView,
     pub self_id: NodeId,
     pub peers: BTreeMap<NodeId, String>,
@@ -466,14 +521,14 @@ impl Maintenance {
             if complete.contains(&hash) {
                 continue;
             }
-            let manifest = match load_manifest(&self.store, &peers, &hash).await {
-                Ok((m, _)) => m,
+            let loaded = match self.manifests.get(&hash).await {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     tracing::warn!(image = %name, "cannot refill: {}", e.message());
                     continue;
                 }
             };
-            let wanted = manifest.object_hashes();
+            let wanted = loaded.manifest.object_hashes();
             let before = self.store.missing(&wanted).len();
             let left = fill_from_peers(&self.store, &peers, &wanted).await;
             if before > 0 {
@@ -507,5 +562,49 @@ impl Maintenance {
             Ok(Err(e)) => tracing::warn!("garbage collection failed: {e}"),
             Err(e) => tracing::warn!("garbage collection task failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dom_storage::image::Entry;
+
+    async fn store_object(store: &ObjectStore, data: &[u8]) -> Hash {
+        let hash = *blake3::hash(data).as_bytes();
+        let mut writer = store.writer(hash, data.len() as u64).await.expect("writer");
+        writer.write(data).await.expect("write");
+        store
+            .publish(vec![writer.finish().await.expect("verified")])
+            .expect("publish");
+        hash
+    }
+
+    #[tokio::test]
+    async fn a_manifest_is_decoded_once_and_shared() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = ObjectStore::open(dir.path()).expect("store");
+        let manifest = Manifest::new(vec![
+            Entry::directory("/", 0o755, 0, 0),
+            Entry::file("/etc", 0o644, 0, 0, 3, [7; 32]),
+        ])
+        .expect("manifest");
+        let encoded = manifest.encode();
+        let hash = store_object(&store, &encoded).await;
+        let manifests = Manifests::new(store.clone(), 1, &BTreeMap::new());
+
+        let first = manifests.get(&hash).await.expect("loads");
+        assert_eq!(first.size, encoded.len() as u64);
+        assert_eq!(first.manifest.files(), 1);
+        // Removed from disk, it is still served decoded: the second asker never read it.
+        std::fs::remove_file(store.path(&hash)).expect("remove");
+        let second = manifests.get(&hash).await.expect("cached");
+        assert!(Arc::ptr_eq(&first, &second));
+
+        let error = match manifests.get(&[9; 32]).await {
+            Ok(_) => panic!("a manifest no replica has loads"),
+            Err(e) => e,
+        };
+        assert_eq!(error.code(), tonic::Code::FailedPrecondition);
     }
 }

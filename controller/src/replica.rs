@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::admin::AdminService;
 use crate::agents::{AgentService, Reconciler};
 use crate::network::{Network, RaftService};
-use crate::objects::{Maintenance, ObjectsService};
+use crate::objects::{Maintenance, Manifests, ObjectsService};
 use crate::proposer::Proposer;
 use dom_proto::frame::SyncServer;
 use dom_proto::v1::objects_server::ObjectsServer;
@@ -166,8 +166,10 @@ pub async fn run(
 
     tokio::spawn(bootstrap(raft.clone(), config.clone()));
 
+    let manifests = Arc::new(Manifests::new(objects.clone(), config.id, &config.peers));
     let maintenance = Arc::new(Maintenance {
         store: objects.clone(),
+        manifests: manifests.clone(),
         view: view.clone(),
         self_id: config.id,
         peers: config.peers.clone(),
@@ -175,26 +177,20 @@ pub async fn run(
         gc_grace: config.gc_grace,
     });
     let maintenance_task = tokio::spawn(maintenance.run());
-    let peers: BTreeMap<NodeId, String> = config
-        .peers
-        .iter()
-        .filter(|(id, _)| **id != config.id)
-        .map(|(i, a)| (*i, a.clone()))
-        .collect();
     let proposer = Proposer::start(raft.clone(), view.clone());
     let reconciler = Reconciler::new(
         config.id,
         raft.clone(),
         proposer.clone(),
         view.clone(),
-        objects.clone(),
-        peers,
+        manifests.clone(),
     );
     let admin = AdminService {
         id: config.id,
         raft: raft.clone(),
         view: view.clone(),
         objects: objects.clone(),
+        manifests,
         reconciler: reconciler.clone(),
         proposer,
     };
