@@ -303,7 +303,6 @@ pub async fn fill_from_peers(
     missing
 }
 
-/// The manifest of an image, read from the local store, fetched from peers if need be.
 /// Reads and decodes manifest `hash`, fetching it from `peers` if this replica lacks it.
 /// The decode (tens of milliseconds for a large image) runs on a blocking thread, off the
 /// runtime that serves agents and Raft.
