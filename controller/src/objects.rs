@@ -357,13 +357,14 @@ impl Manifests {
     pub fn new(store: ObjectStore, self_id: NodeId, peers: &BTreeMap<NodeId, String>) -> Self {
         Manifests {
             store,
-            peers: peers
-                .iter()
-                .filter(|(id, _)| **id != self_id)
-                .map(|(i, a)| (*i, a.clone()))
-                .collect(),
+            peers: other_replicas(peers, self_id),
             cache: std::sync::Mutex::new(Cache::new(MANIFEST_CACHE)),
         }
+    }
+
+    /// The other replicas, where whatever this one lacks is fetched from.
+    pub fn peers(&self) -> &BTreeMap<NodeId, String> {
+        &self.peers
     }
 
     pub async fn get(&self, hash: &Hash) -> Result<Arc<LoadedManifest>, Status> {
@@ -395,6 +396,18 @@ async fn push_all(store: &ObjectStore, addr: &str, hashes: &[Hash]) -> Result<()
     }
 }
 
+/// `replicas` without this one.
+pub fn other_replicas(
+    replicas: &BTreeMap<NodeId, String>,
+    self_id: NodeId,
+) -> BTreeMap<NodeId, String> {
+    replicas
+        .iter()
+        .filter(|(id, _)| **id != self_id)
+        .map(|(i, a)| (*i, a.clone()))
+        .collect()
+}
+
 /// Makes sure every object in `hashes` is stored on a majority of the `voters` (this replica
 /// included), pushing from here to the peers that lack them.
 pub async fn ensure_on_majority(
@@ -403,11 +416,7 @@ pub async fn ensure_on_majority(
     voters: &BTreeMap<NodeId, String>,
     hashes: &[Hash],
 ) -> Result<(), Status> {
-    let peers: BTreeMap<NodeId, String> = voters
-        .iter()
-        .filter(|(id, _)| **id != self_id)
-        .map(|(i, a)| (*i, a.clone()))
-        .collect();
+    let peers = other_replicas(voters, self_id);
     let still_missing = fill_from_peers(store, &peers, hashes).await;
     if !still_missing.is_empty() {
         return Err(Status::failed_precondition(format!(
@@ -477,10 +486,9 @@ async fn referenced(store: &ObjectStore, view: &FleetView) -> Option<HashSet<Has
 /// Background duties of a replica's object store: refill from peers, collect garbage.
 pub struct Maintenance {
     pub store: ObjectStore,
+    /// Also where the other replicas are.
     pub manifests: Arc<Manifests>,
     pub view: FleetView,
-    pub self_id: NodeId,
-    pub peers: BTreeMap<NodeId, String>,
     pub gc_interval: Duration,
     pub gc_grace: Duration,
 }
@@ -511,12 +519,7 @@ impl Maintenance {
                 .filter_map(|i| Some((i.name.clone(), i.manifest_hash?)))
                 .collect()
         });
-        let peers: BTreeMap<NodeId, String> = self
-            .peers
-            .iter()
-            .filter(|(id, _)| **id != self.self_id)
-            .map(|(i, a)| (*i, a.clone()))
-            .collect();
+        let peers = self.manifests.peers();
         for (name, hash) in manifests {
             if complete.contains(&hash) {
                 continue;
@@ -530,7 +533,7 @@ impl Maintenance {
             };
             let wanted = loaded.manifest.object_hashes();
             let before = self.store.missing(&wanted).len();
-            let left = fill_from_peers(&self.store, &peers, &wanted).await;
+            let left = fill_from_peers(&self.store, peers, &wanted).await;
             if before > 0 {
                 tracing::info!(image = %name, fetched = before - left.len(), missing = left.len(), "refilled image objects from peers");
             }

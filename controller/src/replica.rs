@@ -171,8 +171,6 @@ pub async fn run(
         store: objects.clone(),
         manifests: manifests.clone(),
         view: view.clone(),
-        self_id: config.id,
-        peers: config.peers.clone(),
         gc_interval: config.gc_interval,
         gc_grace: config.gc_grace,
     });
